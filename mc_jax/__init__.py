@@ -1,0 +1,7 @@
+"""mc_jax: MegaContext for a frozen decoder LLM in JAX.
+
+Data flow: tokens -> tree (gists per level) -> working context -> base model -> LensNet scores
+-> focus allocator -> working context.
+"""
+
+__version__ = "0.1.0"
