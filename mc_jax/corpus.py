@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -103,7 +103,7 @@ _TOKENIZERS: dict[str, TokenizerLike] = {}
 
 
 def register_tokenizer(tokenizer: TokenizerLike) -> TokenizerIdentity:
-    """Makes `tokenizer` findable by a builder created without `tokenizer=` (e.g. `tfds.builder`)."""
+    """Makes `tokenizer` findable by a builder made without `tokenizer=` (e.g. `tfds.builder`)."""
     ident = tokenizer_identity(tokenizer)
     _TOKENIZERS[ident.slug] = tokenizer
     return ident
@@ -385,16 +385,10 @@ def check_tokenizer(stored: TokenizerIdentity, tokenizer: TokenizerLike | Tokeni
                     *, where: str) -> None:
     """Raises TokenizerMismatchError unless `tokenizer` is the one `stored` describes."""
     given = tokenizer if isinstance(tokenizer, TokenizerIdentity) else tokenizer_identity(tokenizer)
-    if given != stored:
+    if (given.vocab_size, given.fingerprint) != (stored.vocab_size, stored.fingerprint):
         raise TokenizerMismatchError(
             f"{where} was tokenised with {stored.describe()}, but the tokenizer given is "
             f"{given.describe()}. Token ids from one tokenizer are meaningless to another: "
             f"run `mc-jax prepare-data` with the model's tokenizer, or use that dataset's "
             f"tokenizer.")
 
-
-def iter_documents(config: CorpusConfig) -> Iterator[tuple[str, str, str]]:
-    """(source, name, text) of every document of `config`'s sources (for inspection)."""
-    for source in config.sources:
-        for name, load in corpus_documents(source, config):
-            yield source, name, load()

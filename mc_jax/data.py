@@ -389,7 +389,7 @@ def make_batch_iterator(source, config: WindowConfig, *, mesh: Mesh | None = Non
     ds = make_window_dataset(source, config, process_index=index, process_count=count,
                              windows_Wx2=windows_Wx2)
     signature = hashlib.sha256(json.dumps(
-        [dataclasses.replace(config, num_threads=0, prefetch=0).__repr__(), index, count, len(source),
+        [repr(dataclasses.replace(config, num_threads=0, prefetch=0)), index, count, len(source),
          hashlib.sha256(windows_Wx2.tobytes()).hexdigest()]).encode()).hexdigest()[:16]
     return BatchIterator(iter(ds), global_batch=config.global_batch, mesh=mesh,
                          data_axis=data_axis, signature=signature)

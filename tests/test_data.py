@@ -228,6 +228,12 @@ def test_another_tokenizer_is_refused(prepared):
     with pytest.raises(data.TokenizerMismatchError):
         corpus.McJaxCorpus(data_dir=str(prepared["data_dir"]), tokenizer=other,
                            config=corpus.make_config(ByteTokenizer(), **prepared["opts"]))
+    config = corpus.make_config(ByteTokenizer(), **prepared["opts"])
+    with pytest.raises(ConfigError, match="needs its tokenizer"):
+        corpus.McJaxCorpus(data_dir=str(prepared["data_dir"]), config=config) \
+            ._split_generators(None)
+    data.register_tokenizer(ByteTokenizer())  # builders made without tokenizer= find it
+    assert corpus.McJaxCorpus(data_dir=str(prepared["data_dir"]), config=config)._tokenizer
 
 
 def test_cli_reports_an_existing_dataset(prepared, monkeypatch, capsys):
@@ -263,3 +269,23 @@ def test_pydoc_reader_finds_the_rest_sources():
     docs = dict(corpus.pydoc_documents())
     assert len(docs) > 100 and "library/json.rst.txt" in docs
     assert "json" in docs["library/json.rst.txt"]()
+
+
+def test_iterator_checkpoints_with_an_orbax_checkpoint_manager(prepared, tmp_path):
+    import orbax.checkpoint as ocp
+    src = _train(prepared)
+    cfg = data.WindowConfig(window_len=T, global_batch=8, seed=4)
+    mesh = jax.make_mesh((8,), ("data",))
+    it = data.make_batch_iterator(src, cfg, mesh=mesh)
+    next(it)
+    state = {"w": jax.numpy.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        want = [np.asarray(next(it)["tokens"]) for _ in range(2)]
+        restored = mngr.restore(1, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state),
+            data=grain.checkpoint.CheckpointRestore(data.make_batch_iterator(src, cfg, mesh=mesh))))
+    for w in want:
+        np.testing.assert_array_equal(np.asarray(next(restored["data"])["tokens"]), w)
