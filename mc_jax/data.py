@@ -153,7 +153,10 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_data_cli(argv: Sequence[str] | None = None) -> int:
+def prepare_data_cli(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """`mc-jax prepare-data`: from command-line words, or from already-parsed arguments."""
+    if isinstance(argv, argparse.Namespace):
+        return run_prepare_data(argv)
     parser = argparse.ArgumentParser(
         prog="mc-jax prepare-data",
         description="Tokenise the offline corpora into the mc_jax_corpus TFDS dataset.")

@@ -246,6 +246,15 @@ def test_cli_reports_an_existing_dataset(prepared, monkeypatch, capsys):
         "--stdlib-dir", opts["stdlib_dir"], "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "already prepared" in out and "validation  stdlib" in out
+    try:  # the integrated `mc-jax prepare-data`, once it is wired
+        from mc_jax import cli
+    except ImportError:
+        return
+    if "prepare-data" in cli.build_parser().format_help():
+        assert cli.main(["prepare-data", "--data-dir", str(prepared["data_dir"]), "--sources",
+                         "stdlib", "--min-doc-tokens", str(MIN_DOC), "--validation-percent",
+                         str(VAL_PCT), "--stdlib-dir", opts["stdlib_dir"]]) == 0
+        assert "already prepared" in capsys.readouterr().out
 
 
 def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
