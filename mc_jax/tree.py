@@ -258,5 +258,5 @@ def clear_error(tree: Tree) -> Tree:
 
 def token_ids(tree: Tree) -> np.ndarray:
     """Host copy of the appended token ids."""
-    n = int(tree.num_tokens)
-    return np.asarray(tree.tokens_T[:n])
+    h = jax.device_get(tree)
+    return np.asarray(h.tokens_T)[:int(h.num_tokens)]

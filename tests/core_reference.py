@@ -296,3 +296,95 @@ class RefWC:
             last = node if level == 0 else (node + 1) * K ** (level - 1) - 1
             out.append(self.num_tokens // K - last)
         return out
+
+
+# ----------------------------------------------------------------------------- jit harness
+# Shared by the core tests: one set of compiled functions per config, reused across examples.
+
+def dyadic_table(vocab, d, seed=0):
+    """Embeddings that are multiples of 1/8, so every mean of means is exact in float32."""
+    return (np.random.RandomState(seed).randint(-16, 17, (vocab, d)) / 8).astype(np.float32)
+
+
+class JitCore:
+    """Compiled append / move / allocate / materialise for one (WCConfig, FocusConfig)."""
+
+    def __init__(self, wcfg, fcfg, d=4, vocab=61, with_tree=True):
+        import jax
+        import jax.numpy as jnp
+        from mc_jax import focus
+        from mc_jax import tree as tr
+        from mc_jax import working_context as wcm
+
+        self.wcfg, self.fcfg, self.K = wcfg, fcfg, wcfg.block_size
+        self.table = dyadic_table(vocab, d)
+        table = jnp.asarray(self.table)
+        embed = lambda ids: table[ids]  # noqa: E731
+        self.embed = embed
+        self.build = jax.jit(lambda T: wcm.build_recency(T, wcfg))
+        self.append = jax.jit(lambda wc, n: wcm.append(wc, n, wcfg))
+        self.move = jax.jit(lambda wc, k, e: wcm.move(wc, k, e, wcfg))
+        self.allocate = jax.jit(lambda wc, u, n: focus.allocate(wc, u, wcfg, fcfg, n))
+        self.mat = {m: jax.jit(lambda wc, t, m=m: wcm.materialise_tree(wc, t, embed, wcfg, m))
+                    for m in ("compact", "global")}
+        self.lens = jax.jit(lambda wc, t: wcm.lens_inputs(wc, t, wcfg))
+        self.tree = self.ref_tree = None
+        if with_tree:
+            cap = wcfg.max_tokens // self.K
+            tcfg = tr.TreeConfig(d=d, capacity_blocks=cap, depth=wcfg.depth)
+            ids = np.random.RandomState(1).randint(0, vocab, cap * self.K).astype(np.int32)
+            self.tree = jax.jit(lambda x: tr.build_tree(x, tcfg, embed,
+                                                        tr.mean_pool_gist_fn))(ids)
+            self.ref_tree = RefTree(wcfg.depth, self.table)
+            self.ref_tree.append(ids)
+
+    def ref(self):
+        c = self.wcfg
+        return RefWC(c.w_max, c.depth, c.block_size, c.protected_blocks)
+
+
+def jit_table(wc):
+    from mc_jax.working_context import to_host_entries
+    return to_host_entries(wc)
+
+
+def assert_wc_equal(wc, ref):
+    """Entry-for-entry equality, canonical padding, and the invariants on the jit state."""
+    got = jit_table(wc)
+    assert got == ref.table(), (got, ref.table())
+    n = len(got)
+    assert int(wc.num_tokens) == ref.num_tokens
+    for name in ("level_E", "node_E", "cost_E", "age_E"):
+        assert not np.asarray(getattr(wc, name))[n:].any(), f"padding of {name} not zero"
+    valid = np.asarray(wc.valid_E)
+    assert valid[:n].all() and not valid[n:].any()
+    mirror = RefWC(ref.w_max, ref.depth, ref.K, ref.P)
+    mirror.num_tokens = int(wc.num_tokens)
+    mirror.entries = [[l, nd, a] for l, nd, _, a in got]
+    mirror.check()
+
+
+def assert_materialise_equal(core, wc, ref, mode):
+    import jax
+    m = jax.device_get(core.mat[mode](wc, core.tree))
+    xs, pos, sig, ent = ref.materialise(core.ref_tree, mode)
+    n, W = len(pos), core.wcfg.w_max
+    assert m.valid_W.sum() == n and m.valid_W[:n].all()
+    np.testing.assert_array_equal(m.x_WxD[:n], np.stack(xs) if n else m.x_WxD[:0])
+    assert not m.x_WxD[n:].any()
+    np.testing.assert_array_equal(m.pos_W[:n], pos)
+    np.testing.assert_array_equal(m.sigma_W[:n], sig)
+    np.testing.assert_array_equal(m.slot_entry_W[:n], ent)
+    assert (m.slot_entry_W[n:] == -1).all() and not m.pos_W[n:].any()
+    E = len(ref.entries)
+    first = [ent.index(i) if i in ent else n for i in range(E)]
+    np.testing.assert_array_equal(m.entry_first_slot_E[:E], first)
+    spans = [ref.cost_of(e) if e[0] == 0 else ref.K ** e[0] for e in ref.entries]
+    np.testing.assert_array_equal(m.span_E[:E], spans)
+    np.testing.assert_array_equal(m.dist_E[:E], ref.dist())
+    np.testing.assert_array_equal(m.level_E[:E], [e[0] for e in ref.entries])
+    lens = np.asarray(core.lens(wc, core.tree))
+    np.testing.assert_array_equal(lens[:E], np.stack(ref.lens_vectors(core.ref_tree,
+                                                                      lens.shape[1])))
+    assert not lens[E:].any()
+    assert W >= n

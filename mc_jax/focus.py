@@ -1,0 +1,217 @@
+"""The focus allocator: turn per-entry scores u in [-1, 1] into expand/collapse moves.
+
+Greedy and vectorised, as in SPEC section 2. One call (`allocate`) is one refocus step:
+
+1. Voluntary phase, at most n_diff moves. Candidates are recomputed after every move:
+   - expand: gists (not the open block) with u > tau_expand, outside their cooldown;
+   - collapse: unprotected complete LOD0 blocks with u < -tau_collapse, and groups of K
+     sibling gists (levels 1..depth-1, all present, all outside cooldown) whose mean u is
+     < -tau_collapse.
+   Each move takes the best expansion (highest u) if the budget allows it (cost + K-1 +
+   incoming <= w_max) and its margin u - tau_expand is at least the best collapse's margin
+   -u - tau_collapse; otherwise the best collapse (lowest u, so collapses make room for
+   expansions that need it). Ties go to the oldest entry.
+2. Forced phase: while cost + incoming > w_max, collapse the lowest-scored legal candidate
+   (unprotected LOD0 block or complete sibling group; thresholds and cooldown ignored, since
+   the budget is hard), oldest first on ties. History is never dropped.
+3. Every entry's steps-since-edit grows by one; entries created in this step start at 0.
+   An entry may be edited again once its age is >= cooldown (cooldown=2: created at step s,
+   editable again at step s+3). Entries created in a step are never edited again in it.
+
+New entries inherit a score for the rest of the step: an expansion's children take the
+parent's u; a collapsed group's parent takes the group mean.
+
+Letters: E entry rows, A action-log rows (n_diff + forced slots), K block size.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mc_jax.errors import ConfigError
+from mc_jax import working_context as wcm
+from mc_jax.working_context import WCConfig, WorkingContext
+
+KIND_NONE, KIND_EXPAND, KIND_COLLAPSE, KIND_FORCED = 0, 1, 2, 3
+# reason codes: per log row, and for the step (stop_reason)
+REASON_ACTED = 0
+REASON_NO_CANDIDATES = 1  # nothing past a threshold (and eligible) is left
+REASON_BUDGET = 2  # expansions wanted, but no room and nothing left to collapse
+REASON_N_DIFF = 3  # stopped at n_diff with candidates left (stop_reason only)
+REASON_NOT_NEEDED = 4  # forced row: the budget already had room for the incoming tokens
+REASON_NO_ROOM = 5  # forced row: room was needed but no legal collapse exists (config error)
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusConfig:
+    tau_expand: float = 0.2
+    tau_collapse: float = 0.2
+    n_diff: int = 4
+    cooldown: int = 2
+
+    def __post_init__(self):
+        if self.n_diff < 0:
+            raise ConfigError(f"n_diff must be >= 0, got {self.n_diff}")
+        if self.cooldown < 0:
+            raise ConfigError(f"cooldown must be >= 0, got {self.cooldown}")
+        if self.tau_expand < 0 or self.tau_collapse < 0:
+            raise ConfigError("tau_expand and tau_collapse must be >= 0, got "
+                              f"{self.tau_expand}, {self.tau_collapse}")
+
+
+def forced_slots(cfg: WCConfig) -> int:
+    """Forced collapses one step may need: ceil(K / (K-1)) for up to K incoming tokens."""
+    K = cfg.block_size
+    return -(-K // (K - 1))
+
+
+@flax.struct.dataclass
+class ActionLog:
+    kind_A: jax.Array  # int32 KIND_*
+    level_A: jax.Array  # int32 level of the entry acted on (before the move)
+    node_A: jax.Array  # int32 its node index (a group collapse: the first sibling)
+    score_A: jax.Array  # float32 its u (a group: the mean)
+    reason_A: jax.Array  # int32 REASON_* (REASON_ACTED when a move was made)
+    stop_reason: jax.Array  # int32: why the voluntary phase did no more
+    cooldown_hits: jax.Array  # int32: entries past a threshold but held by cooldown
+    protected_hits: jax.Array  # int32: protected blocks with u < -tau_collapse
+    budget_blocked: jax.Array  # int32: expansions still wanted at the end, for lack of room
+
+    def num_actions(self) -> jax.Array:
+        return jnp.sum(self.kind_A != KIND_NONE)
+
+
+def _candidates(wc: WorkingContext, u_E, wcfg: WCConfig, fcfg: FocusConfig, voluntary: bool):
+    """(expand mask, collapse score): collapse score is u for a block, the group mean for a
+    group head, +inf for anything that cannot collapse."""
+    K, E = wcfg.block_size, wcfg.max_entries
+    tau_e = jnp.float32(fcfg.tau_expand)
+    tau_c = jnp.float32(fcfg.tau_collapse)
+    heads = wcm.group_heads(wc, wcfg)
+    H = E // K + 1  # groups are disjoint, so at most E // K heads
+    head_H = jnp.nonzero(heads, size=H, fill_value=E)[0]
+    win_HxK = jnp.minimum(head_H[:, None] + jnp.arange(K)[None, :], E - 1)
+    gmean_H = jnp.mean(u_E[win_HxK], axis=1)
+    gmean = jnp.full((E,), jnp.inf, jnp.float32).at[head_H].set(gmean_H, mode="drop")
+    blocks = wcm.collapsible_block(wc, wcfg)
+    if voluntary:
+        elig = wc.age_E >= fcfg.cooldown
+        gelig_H = jnp.all(wc.age_E[win_HxK] >= fcfg.cooldown, axis=1)
+        gelig = jnp.zeros((E,), bool).at[head_H].set(gelig_H, mode="drop")
+        expand = wcm.expandable(wc, wcfg) & elig & (u_E > tau_e)
+        blocks = blocks & elig & (u_E < -tau_c)
+        heads = heads & gelig & (gmean < -tau_c)
+    else:
+        expand = jnp.zeros((E,), bool)
+    score = jnp.where(blocks, u_E, jnp.where(heads, gmean, jnp.inf))
+    return expand, score
+
+
+def allocate(wc: WorkingContext, u_E: jax.Array, wcfg: WCConfig, fcfg: FocusConfig,
+             incoming=None):
+    """One refocus step. u_E: float [E] scores aligned with the WC rows (padding ignored).
+
+    incoming (<= K, traced ok; default K): tokens the caller will append before the next
+    refocus; the step leaves room for them. Returns (new wc, ActionLog). If no legal collapse
+    can make that room, ERR_NO_ROOM is set (a config error; `WCConfig.max_tokens` catches it
+    up front).
+    """
+    K, E = wcfg.block_size, wcfg.max_entries
+    incoming = jnp.clip(jnp.asarray(K if incoming is None else incoming, jnp.int32), 0, K)
+    tau_e = jnp.float32(fcfg.tau_expand)
+    tau_c = jnp.float32(fcfg.tau_collapse)
+    u = jnp.where(wc.valid_E, u_E.astype(jnp.float32), 0.0)
+    n_f = forced_slots(wcfg)
+    A = fcfg.n_diff + n_f
+    zeros_i = jnp.zeros((A,), jnp.int32)
+    log = dict(kind=zeros_i, level=zeros_i, node=zeros_i,
+               score=jnp.zeros((A,), jnp.float32), reason=zeros_i)
+
+    # telemetry on the incoming state
+    elig = wc.age_E >= fcfg.cooldown
+    want_e = wcm.expandable(wc, wcfg) & (u > tau_e)
+    blocks = wc.valid_E & (jnp.arange(E) != wcm.open_index(wc)) & (wc.level_E == 0)
+    want_c = wcm.collapsible_block(wc, wcfg) & (u < -tau_c)
+    cooldown_hits = jnp.sum((want_e | want_c) & ~elig)
+    protected_hits = jnp.sum(blocks & ~wcm.collapsible_block(wc, wcfg) & (u < -tau_c))
+
+    def record(log, a, kind, at, score, reason, wc):
+        return dict(kind=log["kind"].at[a].set(kind),
+                    level=log["level"].at[a].set(jnp.where(kind > 0, wc.level_E[at], 0)),
+                    node=log["node"].at[a].set(jnp.where(kind > 0, wc.node_E[at], 0)),
+                    score=log["score"].at[a].set(jnp.where(kind > 0, score, 0.0)),
+                    reason=log["reason"].at[a].set(reason))
+
+    def pick(wc, u):
+        expand, cscore = _candidates(wc, u, wcfg, fcfg, voluntary=True)
+        has_e, has_c = jnp.any(expand), jnp.any(cscore < jnp.inf)
+        e_idx = jnp.argmax(jnp.where(expand, u, -jnp.inf))
+        c_idx = jnp.argmin(cscore)
+        room = wc.total_cost() + (K - 1) + incoming <= wcfg.w_max
+        margin_e = u[e_idx] - tau_e
+        margin_c = -cscore[c_idx] - tau_c
+        take_e = has_e & room & (~has_c | (margin_e >= margin_c))
+        take_c = ~take_e & has_c
+        return has_e, has_c, room, take_e, take_c, e_idx, c_idx, u[e_idx], cscore[c_idx]
+
+    def voluntary(a, carry):
+        wc, u, log = carry
+        has_e, has_c, room, take_e, take_c, e_idx, c_idx, ue, uc = pick(wc, u)
+        kind = jnp.where(take_e, wcm.EXPAND, jnp.where(take_c, wcm.COLLAPSE, 0))
+        at = jnp.where(take_e, e_idx, c_idx)
+        reason = jnp.where(take_e | take_c, REASON_ACTED,
+                           jnp.where(has_e, REASON_BUDGET, REASON_NO_CANDIDATES))
+        log = record(log, a, jnp.where(take_e, KIND_EXPAND, jnp.where(take_c, KIND_COLLAPSE,
+                                                                         KIND_NONE)),
+                     at, jnp.where(take_e, ue, uc), reason, wc)
+        wc, u = wcm.splice(wc, kind, at, wcfg, fresh_age=-1, u_E=u)
+        return wc, u, log
+
+    wc, u, log = jax.lax.fori_loop(0, fcfg.n_diff, voluntary, (wc, u, log))
+    has_e, has_c, room, take_e, take_c, *_ = pick(wc, u)
+    stop_reason = jnp.where(take_e | take_c, REASON_N_DIFF,
+                            jnp.where(has_e, REASON_BUDGET, REASON_NO_CANDIDATES))
+    budget_blocked = jnp.where(room, 0, jnp.sum(
+        _candidates(wc, u, wcfg, fcfg, voluntary=True)[0]))
+
+    def forced(a, carry):
+        wc, u, log, no_room = carry
+        need = wc.total_cost() + incoming > wcfg.w_max
+        _, cscore = _candidates(wc, u, wcfg, fcfg, voluntary=False)
+        has = jnp.any(cscore < jnp.inf)
+        c_idx = jnp.argmin(cscore)
+        take = need & has
+        reason = jnp.where(take, REASON_ACTED,
+                           jnp.where(need, REASON_NO_ROOM, REASON_NOT_NEEDED))
+        log = record(log, fcfg.n_diff + a, jnp.where(take, KIND_FORCED, KIND_NONE), c_idx,
+                     cscore[c_idx], reason, wc)
+        wc, u = wcm.splice(wc, jnp.where(take, wcm.COLLAPSE, 0), c_idx, wcfg, fresh_age=-1,
+                           u_E=u)
+        return wc, u, log, no_room | (need & ~has)
+
+    wc, u, log, no_room = jax.lax.fori_loop(0, n_f, forced, (wc, u, log, jnp.bool_(False)))
+    no_room = no_room | (wc.total_cost() + incoming > wcfg.w_max)
+
+    age = jnp.where(wc.age_E < 0, 0, jnp.minimum(wc.age_E + 1, wcm.AGE_MAX))
+    wc = wc.replace(age_E=jnp.where(wc.valid_E, age, 0),
+                    error=wc.error | jnp.where(no_room, wcm.ERR_NO_ROOM, 0))
+    out_log = ActionLog(kind_A=log["kind"], level_A=log["level"], node_A=log["node"],
+                        score_A=log["score"], reason_A=log["reason"],
+                        stop_reason=stop_reason.astype(jnp.int32),
+                        cooldown_hits=cooldown_hits.astype(jnp.int32),
+                        protected_hits=protected_hits.astype(jnp.int32),
+                        budget_blocked=budget_blocked.astype(jnp.int32))
+    return wc, out_log
+
+
+def recency_step(wc: WorkingContext, wcfg: WCConfig, incoming=None) -> WorkingContext:
+    """The no-LensNet baseline for a running decode: rebuild the recency-policy WC for the
+    current history, leaving room for `incoming` tokens (default K). Ages of the rebuilt
+    entries restart at AGE_MAX (the baseline has no cooldown); error bits are kept."""
+    K = wcfg.block_size
+    incoming = jnp.clip(jnp.asarray(K if incoming is None else incoming, jnp.int32), 0, K)
+    out = wcm.build_recency(wc.num_tokens, wcfg, budget=wcfg.w_max - incoming)
+    return out.replace(error=wc.error | out.error)
