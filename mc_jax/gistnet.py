@@ -3,7 +3,7 @@
 Architecture of one level (`_GistCore`), all pre-LayerNorm with GELU MLPs:
 
     x_NxKxD --down--> h_NxKxC                        (C = config.width)
-    h = SelfBlock(h) x n_layers                      (bidirectional, RoPE over local positions 0..K-1)
+    h = SelfBlock(h) x n_layers                      (bidirectional, RoPE over positions 0..K-1)
     p1_Nx1xC = CrossBlock(slot1, h)                  (learned slot query pools K -> 1)
     h = h + p1                                       (broadcast the pooled vector back over K)
     h = SelfBlock(h) x n_refine_layers               (attend again, RoPE)
@@ -95,8 +95,8 @@ class GistNetConfig:
         if self.depth < 1 or self.block_size < 1 or self.n_layers < 0 or self.n_refine_layers < 0:
             raise ConfigError("GistNetConfig: depth and block_size must be >= 1, layer counts >= 0")
         if not self.embed_rms > 0:
-            raise ConfigError(f"GistNetConfig.embed_rms must be > 0, got {self.embed_rms}; pass the "
-                              "RMS of the base model's token embeddings")
+            raise ConfigError(f"GistNetConfig.embed_rms must be > 0, got {self.embed_rms}; pass "
+                              "the RMS of the base model's token embeddings")
 
     @classmethod
     def tiny(cls, d_model: int = 64, embed_rms: float = 1.0, **overrides) -> "GistNetConfig":
@@ -156,7 +156,8 @@ class _GistCore(nnx.Module):
         h_xKxC = h_xKxC + p1_x1xC
         for blk in self.refine:
             h_xKxC = blk(h_xKxC, positions_T=pos_K, rope_base=cfg.rope_base)
-        p2_xC = self.pool2(jnp.broadcast_to(self.slot2[...].astype(dt), slot_shape), h_xKxC)[..., 0, :]
+        p2_x1xC = self.pool2(jnp.broadcast_to(self.slot2[...].astype(dt), slot_shape), h_xKxC)
+        p2_xC = p2_x1xC[..., 0, :]
         y_xD = self.up(self.ln_out(p2_xC))
         return rms_normalise(y_xD) * self.gain[...]
 
@@ -174,7 +175,8 @@ class _MeanCore(nnx.Module):
     def __call__(self, x_xKxD: jax.Array, level_bias_C: jax.Array | None = None) -> jax.Array:
         del level_bias_C
         mean_xD = jnp.mean(x_xKxD.astype(jnp.float32), axis=-2)
-        return rms_normalise(self.proj(mean_xD.astype(compute_dtype(self.cfg.dtype)))) * self.gain[...]
+        y_xD = self.proj(mean_xD.astype(compute_dtype(self.cfg.dtype)))
+        return rms_normalise(y_xD) * self.gain[...]
 
 
 class _GistModel(nnx.Module):
@@ -240,5 +242,8 @@ def as_gist_fn(model: _GistModel) -> GistFn:
 
 
 def gist_fn_from_state(graphdef: nnx.GraphDef, state: nnx.State) -> GistFn:
-    """`as_gist_fn(nnx.merge(graphdef, state))`: use inside jit with `(graphdef, state) = nnx.split(model)`."""
+    """`as_gist_fn(nnx.merge(graphdef, state))`, for use inside jit.
+
+    `(graphdef, state) = nnx.split(model)` outside; `state` is the traced argument.
+    """
     return as_gist_fn(nnx.merge(graphdef, state))

@@ -151,7 +151,7 @@ class LensNet(nnx.Module):
                  level_xE: jax.Array, span_xE: jax.Array, distance_xE: jax.Array,
                  since_edit_xE: jax.Array, tail_xUxD: jax.Array, tail_mask_xU: jax.Array,
                  prev_latents_xMxC: jax.Array | None = None) -> LensNetOutput:
-        """Scores E entries. All per-entry arrays share the leading dims of `entries_xExD[..., 0]`."""
+        """Scores E entries; per-entry arrays have the shape of `entries_xExD[..., 0]`."""
         c = self.config
         self._check_shapes(entries_xExD, entry_mask_xE, level_xE, span_xE, distance_xE,
                            since_edit_xE, tail_xUxD, tail_mask_xU, prev_latents_xMxC)

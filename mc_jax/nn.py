@@ -41,7 +41,8 @@ def apply_rope(x_xTxHxF: jax.Array, positions_T: jax.Array, base: float) -> jax.
     sin_Tx1xF2 = jnp.sin(ang_TxF2)[:, None, :]
     x = x_xTxHxF.astype(jnp.float32)
     x1, x2 = x[..., : f // 2], x[..., f // 2:]
-    out = jnp.concatenate([x1 * cos_Tx1xF2 - x2 * sin_Tx1xF2, x2 * cos_Tx1xF2 + x1 * sin_Tx1xF2], -1)
+    out = jnp.concatenate([x1 * cos_Tx1xF2 - x2 * sin_Tx1xF2,
+                           x2 * cos_Tx1xF2 + x1 * sin_Tx1xF2], axis=-1)
     return out.astype(x_xTxHxF.dtype)
 
 
@@ -62,7 +63,8 @@ class Attention(nnx.Module):
         self.v = lin(kv_width, width)
         self.o = lin(width, width)
 
-    def __call__(self, q_xTxC: jax.Array, kv_xSxC: jax.Array, *, kv_mask_xS: jax.Array | None = None,
+    def __call__(self, q_xTxC: jax.Array, kv_xSxC: jax.Array, *,
+                 kv_mask_xS: jax.Array | None = None,
                  q_positions_T: jax.Array | None = None, kv_positions_S: jax.Array | None = None,
                  rope_base: float = 10000.0) -> jax.Array:
         split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)

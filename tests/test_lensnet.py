@@ -35,7 +35,7 @@ def _inputs(seed=0, n_entries=E, batch=(), n_valid=None, scale=1.0):
 
 
 def _run_unoptimised(f, *args):
-    """jit(f)(*args) compiled at XLA optimisation level 0: the same numbers, ~40% less CPU compile."""
+    """jit(f)(*args) compiled at XLA optimisation level 0: ~40% less CPU compile time."""
     lowered = jax.jit(f).lower(*args)
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
 
