@@ -133,8 +133,9 @@ def test_forced_collapse_makes_room_for_incoming_tokens():
 
 def test_no_legal_collapse_is_a_config_error():
     cfg = wcm.WCConfig(w_max=100, depth=1, protected_blocks=1)  # no max_tokens check
-    wc = wcm.build_recency(60 * K, cfg)
-    out, log = focus.allocate(wc, jnp.zeros(cfg.max_entries), cfg, focus.FocusConfig(), K)
+    wc = jax.jit(wcm.build_recency, static_argnums=1)(60 * K, cfg)
+    out, log = jax.jit(focus.allocate, static_argnums=(2, 3))(
+        wc, jnp.zeros(cfg.max_entries), cfg, focus.FocusConfig(), K)
     assert log.reason_A[-1] == focus.REASON_NO_ROOM
     with pytest.raises(ConfigError, match="no legal collapse"):
         wcm.check_wc(out, cfg)
@@ -156,7 +157,7 @@ def test_vmap_over_a_batch_of_working_contexts():
 
 def test_recency_baseline_keeps_recency_shape_while_streaming():
     step = jax.jit(lambda wc: wcm.append(focus.recency_step(wc, WCFG, K), K, WCFG))
-    wc = wcm.build_recency(60 * K + 5, WCFG)
+    wc = core().build(60 * K + 5)
     for _ in range(30):
         wc = wcm.check_wc(step(wc))
         T = int(wc.num_tokens)

@@ -52,7 +52,7 @@ def test_config_errors():
 
 def test_history_that_cannot_fit_is_a_config_error():
     cfg = wcm.WCConfig(w_max=100, depth=1, protected_blocks=1)
-    wc = wcm.build_recency(70 * K, cfg)
+    wc = jax.jit(wcm.build_recency, static_argnums=1)(70 * K, cfg)
     with pytest.raises(ConfigError, match="cannot fit"):
         wcm.check_wc(wc, cfg)
 

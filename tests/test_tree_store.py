@@ -1,0 +1,190 @@
+"""Tree persistence: exact round trips, corruption detection, and the paged host tree."""
+import os
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mc_jax import focus
+from mc_jax import tree as tr
+from mc_jax import tree_store as ts
+from mc_jax import working_context as wcm
+from mc_jax.errors import CapacityError, CorruptFileError
+from core_reference import dyadic_table
+
+K = 32
+TABLE = jnp.asarray(dyadic_table(61, 4))
+
+
+def embed(ids):
+    return TABLE[ids]
+
+
+def built(T, depth=2, dtype="float32", cap=None, seed=0):
+    cfg = tr.TreeConfig(d=4, capacity_blocks=cap or -(-T // K) + 1, depth=depth, dtype=dtype)
+    ids = np.random.RandomState(seed).randint(0, 61, T).astype(np.int32)
+    return tr.build_tree(ids, cfg, embed, tr.mean_pool_gist_fn), cfg, ids
+
+
+def assert_trees_equal(a, b):
+    assert int(a.num_tokens) == int(b.num_tokens)
+    np.testing.assert_array_equal(np.asarray(a.tokens_T), np.asarray(b.tokens_T))
+    for x, y in zip(a.gists, b.gists):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)),
+                                      np.asarray(y.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("depth,dtype,T", [(2, "float32", 1024 * 2 + 77), (3, "bfloat16", 5000),
+                                           (2, "float32", 0)])
+def test_round_trip_is_exact(tmp_path, depth, dtype, T):
+    tree, cfg, _ = built(T, depth, dtype)
+    ts.save_tree(tree, cfg, tmp_path)
+    loaded, cfg2 = ts.load_tree(tmp_path, cfg)
+    assert cfg2 == cfg
+    assert_trees_equal(loaded, tree)
+    derived, cfg3 = ts.load_tree(tmp_path)  # config derived from the files
+    assert (cfg3.depth, cfg3.d, cfg3.dtype) == (depth, 4, dtype)
+    assert int(derived.num_tokens) == T
+
+
+def test_wc_round_trip(tmp_path):
+    wcfg = wcm.WCConfig(w_max=160, depth=2)
+    wc = jax.jit(wcm.build_recency, static_argnums=1)(3000, wcfg)
+    wc, _ = jax.jit(focus.allocate, static_argnums=(2, 3))(
+        wc, jnp.linspace(-1, 1, wcfg.max_entries), wcfg, focus.FocusConfig())
+    ts.save_wc(wc, wcfg, tmp_path)
+    back = ts.load_wc(tmp_path, wcfg)
+    for a, b in zip(jax.tree.leaves(wc), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CorruptFileError, match="w_max"):
+        ts.load_wc(tmp_path, wcm.WCConfig(w_max=160, depth=2, protected_blocks=2))
+
+
+def _saved(tmp_path):
+    tree, cfg, _ = built(3000, 2)
+    ts.save_tree(tree, cfg, tmp_path)
+    return cfg
+
+
+def _patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _rewrite_header(path, **change):
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    fields = list(ts.HEADER.unpack(raw))
+    names = ["magic", "version", "level", "K", "width", "dtype", "rows", "alloc", "crc", "hcrc"]
+    for k, v in change.items():
+        fields[names.index(k)] = v
+    body = ts.HEADER.pack(*fields[:9], 0)
+    _patch(path, 0, body[:56] + struct.pack("<I", zlib.crc32(body[:56])))
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("payload", "payload checksum"),
+    ("header", "header checksum"),
+    ("truncate", "truncated"),
+    ("magic", "not an mc_jax tree file"),
+    ("version", "version 2"),
+    ("level", "expected 1"),
+    ("block", "block size"),
+    ("missing0", "missing"),
+    ("mixed", "different trees"),
+])
+def test_corruption_is_detected(tmp_path, damage, match):
+    cfg = _saved(tmp_path)
+    f1 = tmp_path / "level1.mct"
+    if damage == "payload":
+        _patch(f1, 64 + 37, b"\x7f")
+    elif damage == "header":
+        _patch(f1, 40, b"\x01")
+    elif damage == "truncate":
+        os.truncate(f1, os.path.getsize(f1) - 3)
+    elif damage == "magic":
+        _patch(f1, 0, b"NOTATREE")
+    elif damage == "version":
+        _rewrite_header(f1, version=2)
+    elif damage == "level":
+        _rewrite_header(f1, level=2)
+    elif damage == "block":
+        _rewrite_header(f1, K=16)
+    elif damage == "missing0":
+        os.remove(tmp_path / "level0.mct")
+    elif damage == "mixed":
+        other, ocfg, _ = built(5000, 2, seed=1)
+        ts.save_tree(other, ocfg, tmp_path / "other")
+        os.replace(tmp_path / "other" / "level1.mct", f1)
+    with pytest.raises(CorruptFileError, match=match):
+        ts.load_tree(tmp_path, cfg)
+    with pytest.raises(CorruptFileError):
+        ts.HostTree.open(tmp_path)
+
+
+def test_config_mismatch_and_capacity(tmp_path):
+    cfg = _saved(tmp_path)
+    with pytest.raises(CorruptFileError, match="depth"):
+        ts.load_tree(tmp_path, tr.TreeConfig(d=4, capacity_blocks=200, depth=3))
+    with pytest.raises(CorruptFileError, match="width"):
+        ts.load_tree(tmp_path, tr.TreeConfig(d=8, capacity_blocks=200, depth=2))
+    with pytest.raises(CorruptFileError, match="dtype"):
+        ts.load_tree(tmp_path, tr.TreeConfig(d=4, capacity_blocks=200, depth=2,
+                                             dtype="bfloat16"))
+    with pytest.raises(CapacityError):
+        ts.load_tree(tmp_path, tr.TreeConfig(d=4, capacity_blocks=10, depth=2))
+
+
+def test_host_tree_streams_and_pages_in_what_the_wc_needs(tmp_path):
+    """A host tree holds a history; the WC's entries are paged in by index and materialise
+    exactly as from a device tree with the same content."""
+    depth, T = 3, 70_000
+    device, dcfg, ids = built(T, depth)
+    hcfg = tr.TreeConfig(d=4, capacity_blocks=4096, depth=depth)
+    host = ts.HostTree.create(tmp_path, hcfg)
+    gist = jax.jit(tr.mean_pool_gist_fn, static_argnums=0)
+    for chunk in np.array_split(ids, 5):  # uneven chunks, blocks complete mid-chunk
+        host.append(chunk, embed, gist)
+    with pytest.raises(tr.TokenDtypeError):
+        host.append(ids[:3].astype(np.int64), embed, gist)
+    host.flush()
+    reopened = ts.HostTree.open(tmp_path)
+    assert reopened.counts() == list(np.asarray(device.counts(K)))
+    loaded, _ = ts.load_tree(tmp_path, tr.TreeConfig(d=4, capacity_blocks=dcfg.capacity_blocks,
+                                                     depth=depth))
+    assert_trees_equal(loaded, device)
+
+    wcfg = wcm.WCConfig(w_max=200, depth=depth, max_tokens=hcfg.capacity_tokens)
+    wc = jax.jit(wcm.build_recency, static_argnums=1)(T, wcfg)
+    rng = np.random.RandomState(0)
+    alloc = jax.jit(focus.allocate, static_argnums=(2, 3))
+    for _ in range(5):
+        wc, _ = alloc(wc, jnp.asarray(rng.uniform(-1, 1, wcfg.max_entries)), wcfg,
+                      focus.FocusConfig(cooldown=0), 0)
+    wcm.check_wc(wc, wcfg)
+    paged = reopened.gather(wc, wcfg)
+    direct = wcm.gather_entries(wc, device, wcfg)
+    np.testing.assert_array_equal(np.asarray(paged.tokens_ExK), np.asarray(direct.tokens_ExK))
+    np.testing.assert_array_equal(np.asarray(paged.vec_ExD), np.asarray(direct.vec_ExD))
+    mat = jax.jit(lambda wc, data, mode: wcm.materialise(wc, data, embed, wcfg, mode),
+                  static_argnums=2)
+    for mode in ("compact", "global"):
+        a, b = mat(wc, paged, mode), mat(wc, direct, mode)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_host_tree_capacity(tmp_path):
+    host = ts.HostTree.create(tmp_path, tr.TreeConfig(d=4, capacity_blocks=2, depth=2))
+    gist = tr.mean_pool_gist_fn
+    host.append(np.zeros(40, np.int32), embed, gist)
+    with pytest.raises(CapacityError, match="nothing was appended"):
+        host.append(np.zeros(30, np.int32), embed, gist)
+    assert host.num_tokens == 40
+    with pytest.raises(PermissionError):
+        ts.HostTree.open(tmp_path, verify=False).append(np.zeros(1, np.int32), embed, gist)
