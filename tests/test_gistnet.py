@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mc_jax.errors import ConfigError
 from mc_jax.gistnet import (GistNet, GistNetConfig, MeanPoolGist, as_gist_fn, build_gist_model,
@@ -22,6 +23,11 @@ def _children(seed=0, shape=(5, 32, D)):
     return jax.random.normal(jax.random.key(seed), shape) * 2.0 + 0.3
 
 
+def _rngs(seed):
+    """Parameter RNG for tests: the rbg generator initialises ~2x faster than threefry on CPU."""
+    return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
 def _run_unoptimised(f, *args):
     """jit(f)(*args) compiled at XLA optimisation level 0: ~40% less CPU compile time."""
     lowered = jax.jit(f).lower(*args)
@@ -38,12 +44,12 @@ apply = jax.jit(lambda model, level, x: model(level, x), static_argnums=1)
 
 @pytest.fixture(scope="module")
 def net():
-    return GistNet(_cfg(), rngs=nnx.Rngs(0))
+    return GistNet(_cfg(), rngs=_rngs(0))
 
 
 @pytest.fixture(scope="module")
 def base():
-    return MeanPoolGist(_cfg(kind="mean_pool"), rngs=nnx.Rngs(0))
+    return MeanPoolGist(_cfg(kind="mean_pool"), rngs=_rngs(0))
 
 
 def test_shapes_dtypes_and_scale(net, base):
@@ -60,7 +66,7 @@ def test_shapes_dtypes_and_scale(net, base):
 
 def test_build_gist_model_picks_kind():
     for kind, cls in (("gistnet", GistNet), ("mean_pool", MeanPoolGist)):
-        model = nnx.eval_shape(lambda: build_gist_model(_cfg(kind=kind), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: build_gist_model(_cfg(kind=kind), rngs=_rngs(0)))
         assert type(model) is cls
 
 
@@ -91,7 +97,7 @@ def test_blocks_are_independent(net):
 def test_per_level_vs_shared_parameter_counts():
     depth = 3
     make = lambda **kw: nnx.eval_shape(lambda: build_gist_model(_cfg(depth=depth, **kw),
-                                                                 rngs=nnx.Rngs(0)))
+                                                                 rngs=_rngs(0)))
     per_level, shared = make(), make(share_weights_across_levels=True)
     level_bias = depth * per_level.config.width
     assert count_params(per_level) == depth * (count_params(shared) - level_bias)
@@ -107,7 +113,7 @@ def test_per_level_weights_give_different_functions(net):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_gradients_reach_every_parameter(shared, net):
-    model = GistNet(_cfg(share_weights_across_levels=True), rngs=nnx.Rngs(1)) if shared else net
+    model = GistNet(_cfg(share_weights_across_levels=True), rngs=_rngs(1)) if shared else net
     graphdef, params = nnx.split(model, nnx.Param)
     x = _children(shape=(3, 32, D))
     r = jax.random.normal(jax.random.key(7), (2, 3, D))
@@ -146,7 +152,7 @@ def test_jit_split_merge_no_retrace(net):
 
 def test_bf16_compute_close_to_fp32(net):
     f32 = net
-    b16 = GistNet(_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    b16 = GistNet(_cfg(dtype="bfloat16"), rngs=_rngs(0))
     for a, b in zip(jax.tree.leaves(nnx.state(f32)), jax.tree.leaves(nnx.state(b16))):
         assert b.dtype == jnp.float32  # parameters stay fp32
         np.testing.assert_array_equal(a, b)
@@ -174,3 +180,13 @@ def test_bad_inputs_raise(net):
         _cfg(dtype="float16")
     with pytest.raises(ConfigError):
         GistNetConfig(d_model=D, embed_rms=0.0)
+
+
+def test_blocks_sharded_over_devices(net):
+    """Data-parallel use: N blocks split over all devices, parameters replicated."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = _children(shape=(2 * len(jax.devices()), 32, D))
+    x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    g = apply(net, 1, x_sharded)
+    assert len(jax.devices()) == 1 or g.sharding.spec[0] == "data"
+    np.testing.assert_allclose(g[:5], apply(net, 1, x[:5]), rtol=1e-5, atol=1e-6)

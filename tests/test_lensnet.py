@@ -34,6 +34,11 @@ def _inputs(seed=0, n_entries=E, batch=(), n_valid=None, scale=1.0):
     )
 
 
+def _rngs(seed):
+    """Parameter RNG for tests: the rbg generator initialises ~2x faster than threefry on CPU."""
+    return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
 def _run_unoptimised(f, *args):
     """jit(f)(*args) compiled at XLA optimisation level 0: ~40% less CPU compile time."""
     lowered = jax.jit(f).lower(*args)
@@ -42,7 +47,7 @@ def _run_unoptimised(f, *args):
 
 @pytest.fixture(scope="module")
 def lens():
-    return LensNet(CFG, rngs=nnx.Rngs(0))
+    return LensNet(CFG, rngs=_rngs(0))
 
 
 def test_shapes_dtypes_bounds_and_masked_zero(lens):
@@ -61,7 +66,7 @@ def test_shapes_dtypes_bounds_and_masked_zero(lens):
 
 def test_without_delta_head_returns_none():
     cfg = LensNetConfig.tiny(d_model=D)
-    model = nnx.eval_shape(lambda: LensNet(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: LensNet(cfg, rngs=_rngs(0)))
     inp = {**_inputs(), "prev_latents_xMxC": None}
     out = jax.eval_shape(lambda m: m(**inp), model)
     assert out.delta_nll is None and out.u.shape == (E,)
@@ -124,7 +129,7 @@ def test_incremental_latents(lens):
     np.testing.assert_allclose(zero.u, none.u, rtol=1e-5, atol=1e-6)
     warm = apply(lens, {**inp, "prev_latents_xMxC": none.latents})
     assert np.max(np.abs(np.asarray(warm.u - none.u))) > 1e-5
-    plain = nnx.eval_shape(lambda: LensNet(LensNetConfig.tiny(d_model=D), rngs=nnx.Rngs(0)))
+    plain = nnx.eval_shape(lambda: LensNet(LensNetConfig.tiny(d_model=D), rngs=_rngs(0)))
     with pytest.raises(ConfigError, match="incremental"):
         plain(**inp)
 
@@ -164,7 +169,7 @@ def test_jit_split_merge_no_retrace(lens):
 
 def test_bf16_compute_close_to_fp32(lens):
     b16 = LensNet(LensNetConfig.tiny(d_model=D, delta_nll_head=True, incremental=True,
-                                     dtype="bfloat16"), rngs=nnx.Rngs(0))
+                                     dtype="bfloat16"), rngs=_rngs(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(b16)))
     inp = _inputs()
     a, b = apply(lens, inp), apply(b16, inp)
