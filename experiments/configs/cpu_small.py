@@ -1,0 +1,49 @@
+"""CPU sweep on the real base (SmolLM2-135M), budgets W = 512..1024, base-only policies plus the
+MegaContext policies (rows say "unavailable" until mc_jax.decode.make_policy exists).
+
+    mc-jax eval --sweep experiments/configs/cpu_small.py            # ~40 min on 2 idle cores (est.)
+    mc-jax eval --sweep experiments/configs/cpu_small.py:quick      # measured: see docs/results.md
+
+Cost model on 2 CPU cores: one scored block of a window policy = one forward of W+32 tokens
+(~3.5 s at W=512, ~8 s at W=1024); full context = one chunked forward over the document (~70 s for
+8192 tokens, shared by every W); one passkey answer = one prefill of W+64 tokens + 8 decode steps.
+Perplexity is therefore measured on `blocks_per_doc` blocks spread over each document (the same
+blocks for every policy), not on every block.
+"""
+
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BASE_POLICIES = ["full", "truncate", "sinks"]
+MC_POLICIES = ["recency", "meanpool", "lens", "oracle"]
+
+
+def get_config(variant=None):
+    genesis, python = str(DATA / "kjv_genesis.txt"), str(DATA / "python_tutorial.txt")
+    docs = [dict(name="genesis-8k", path=genesis, offset=0, tokens=8192),
+            dict(name="python-8k", path=python, offset=0, tokens=8192),
+            dict(name="genesis-32k", path=genesis, offset=8192, tokens=32768)]
+    budgets = [512, 1024]
+    policies = BASE_POLICIES + MC_POLICIES
+    ppl = dict(name="ppl", policies=policies, budgets=budgets, docs=docs, blocks_per_doc=12)
+    passkey = dict(name="passkey", policies=policies, budgets=[512], history_mults=[4, 16, 64],
+                   fillers=["repeat", "prose"], prose=genesis, depths=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   placements=["aligned", "straddle"], seeds=[0], max_new_tokens=8,
+                   policy_kw={"full": {"max_len": 4096}})  # full answers only at 4x (cost)
+    cost = dict(name="cost", policies=["truncate", "sinks"] + MC_POLICIES, budgets=budgets,
+                doc=docs[0], blocks=4)
+    gist = dict(name="gist_dnll", docs=docs[:2], levels=[1, 2], gists=["gistnet", "meanpool"],
+                horizon=64, n_samples=16)
+    lens = dict(name="lens_rank", budgets=budgets, docs=docs[:2], horizon=64, n_samples=16)
+    cfg = dict(name="cpu_small", base=None, dtype="float32", checkpoint=None, seed=0,
+               evaluators=[ppl, passkey, gist, lens, cost])
+    if variant == "quick":
+        # ~15-25 min on 2 shared cores: 2 documents, W=512, 8 scored blocks each, passkey 4x/16x.
+        ppl.update(budgets=[512], docs=docs[:2], blocks_per_doc=8)
+        passkey.update(history_mults=[4, 16], depths=[0.1, 0.5, 0.9])
+        cost.update(budgets=[512], blocks=3)
+        gist.update(docs=docs[:1])
+        lens.update(budgets=[512], docs=docs[:1])
+    elif variant is not None:
+        raise ValueError(f"cpu_small has variants: quick (got {variant!r})")
+    return cfg
