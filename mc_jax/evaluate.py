@@ -429,6 +429,9 @@ def passkey_case(tokenizer, W: int, mult: int, filler: str, depth: float, placem
                  seed: int, prose_ids: np.ndarray | None = None) -> dict:
     """One passkey history of exactly mult*W tokens, built by token index.
 
+    Filler: `repeat` (the Landmark Attention sentences, repeated) or `prose` (the given text from a
+    seeded offset, repeated cyclically when the history is longer than the text).
+
     The needle starts at token `intro + depth * (room)`; `aligned` moves it to the nearest block
     start, `straddle` moves it so its first two key digits end one block and the rest begin the
     next. Deterministic in (seed, W, mult, filler, depth, placement).
@@ -447,10 +450,10 @@ def passkey_case(tokenizer, W: int, mult: int, filler: str, depth: float, placem
         unit = tokenizer.encode(REPEAT_FILLER)
         fill = np.resize(np.asarray(unit, np.int32), n_fill)
     elif filler == "prose":
-        if prose_ids is None or len(prose_ids) < n_fill + 1:
-            raise InputError(f"prose filler needs a text of more than {n_fill} tokens")
-        lo = int(rng.integers(0, len(prose_ids) - n_fill))
-        fill = prose_ids[lo:lo + n_fill]
+        if prose_ids is None or len(prose_ids) < 4 * K:
+            raise InputError("prose filler needs a text of at least 128 tokens (config: prose=)")
+        lo = int(rng.integers(0, len(prose_ids)))
+        fill = np.resize(np.roll(prose_ids, -lo), n_fill)  # cyclic when the text is shorter
     else:
         raise InputError(f"unknown passkey filler {filler!r} (repeat | prose)")
     p = len(intro) + int(round(depth * n_fill))

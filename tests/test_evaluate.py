@@ -1,0 +1,154 @@
+"""Evaluation sweeps: policies on a tiny random base, passkey construction, the resumable driver."""
+
+import json
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from mc_jax import base_model as bm
+from mc_jax import evaluate as ev
+from mc_jax import policies as pol
+from mc_jax import sampling
+
+CFG = bm.LlamaConfig.tiny(vocab_size=256, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ev.TinyBase(CFG, bm.init_params(CFG, jax.random.PRNGKey(0)), ev.ByteTokenizer())
+
+
+def _ids(n, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, n).astype(np.int32)
+
+
+def test_window_policies_score_exactly_their_context(model):
+    ids = _ids(320)
+    full = pol.make_policy("full", model, 512).nll_stream(ids)
+    assert full.shape == (320 // 32 - 1, 32)
+    # a budget that holds the whole history: truncate and sinks == full context
+    np.testing.assert_allclose(pol.make_policy("truncate", model, 512).nll_stream(ids), full,
+                               atol=1e-4)
+    np.testing.assert_allclose(pol.make_policy("sinks", model, 512).nll_stream(ids), full,
+                               atol=1e-4)
+    # W=64 at block 5: truncate == plain forward on tokens [96, 192); sinks == [0:4] + [132:192]
+    tr = pol.make_policy("truncate", model, 64).nll_stream(ids, [5])[0]
+    sk = pol.make_policy("sinks", model, 64).nll_stream(ids, [5])[0]
+    for ctx, got in ((ids[96:160], tr), (np.concatenate([ids[:4], ids[100:160]]), sk)):
+        seq = np.concatenate([ctx, ids[160:192]])[None]
+        ref = bm.token_nll(bm.logits_fn(model.params, CFG, seq)[:, 63:95], seq[:, 64:96])
+        np.testing.assert_allclose(got, np.asarray(ref)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="cannot be scored"):
+        pol.make_policy("truncate", model, 64).nll_stream(ids, [0])
+
+
+def test_full_policy_is_not_applicable_beyond_the_context(model):
+    with pytest.raises(pol.NotApplicable, match="exceeds"):
+        pol.make_policy("full", model, 64).nll_stream(_ids(1088))
+    with pytest.raises(pol.NotApplicable):
+        pol.make_policy("full", model, 64, max_len=256).answer(_ids(256), [1, 2], 4)
+
+
+def test_full_answer_matches_plain_greedy_generation(model):
+    hist, q = _ids(200, 1), [10, 20, 30]
+    got = pol.make_policy("full", model, 64).answer(hist, q, 6)
+    ref = list(sampling.generate(model.params, CFG, list(hist) + q, max_new_tokens=6))
+    assert got == model.tokenizer.decode(ref)
+
+
+def test_megacontext_policies_are_unavailable_without_the_runtime(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mc_jax.decode", None)  # import fails
+    with pytest.raises(pol.Unavailable, match="mc_jax.decode"):
+        pol.make_policy("lens", model, 64)
+    monkeypatch.setitem(sys.modules, "mc_jax.decode", types.ModuleType("mc_jax.decode"))
+    with pytest.raises(pol.Unavailable, match="has no make_policy"):
+        pol.make_policy("recency", model, 64)
+
+
+@pytest.mark.parametrize("placement", ["aligned", "straddle"])
+def test_passkey_needle_is_placed_by_token_index(placement):
+    tok = ev.ByteTokenizer()
+    prose = np.asarray(tok.encode("In the beginning God created the heaven. " * 200), np.int32)
+    for filler in ("repeat", "prose"):
+        c = ev.passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
+        assert len(c["history"]) == 16 * 64
+        needle = tok.encode(ev.NEEDLE.format(key=c["key"]))
+        s = c["needle_start"]
+        assert list(c["history"][s:s + len(needle)]) == needle
+        assert tok.decode(c["history"][c["key_start"]:c["key_start"] + 5]) == str(c["key"])
+        if placement == "aligned":
+            assert s % 32 == 0
+        else:  # two key digits end one block, three begin the next
+            assert c["key_start"] % 32 == 30
+        again = ev.passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
+        assert again["key"] == c["key"] and np.array_equal(again["history"], c["history"])
+
+
+def test_scored_blocks_spread_over_the_history_beyond_W():
+    assert ev.scored_blocks(512, 64, None) == list(range(2, 16))
+    b = ev.scored_blocks(8192, 512, 8)
+    assert len(b) == 8 and b[0] == 16 and b[-1] == 255
+
+
+def test_smoke_sweep_writes_rows_table_plots_and_resumes(tmp_path):
+    spec = "experiments/configs/cpu_smoke.py"
+    cfg, _, _ = ev.load_config(spec)
+    first = ev.run_sweep(spec, tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert first["computed"] == len(rows) == first["rows"] > 0
+    by_ev = {}
+    for r in rows:
+        by_ev.setdefault(r["key"]["evaluator"], []).append(r)
+    assert set(by_ev) == {e["name"] for e in cfg["evaluators"]}
+    ppl = {(r["key"]["doc"], r["key"]["policy"]): r for r in by_ev["ppl"]}
+    assert ppl[("genesis", "truncate")]["status"] == "ok"
+    assert np.isfinite(ppl[("genesis", "truncate")]["ppl"])
+    assert ppl[("python", "full")]["status"].startswith("not applicable")
+    for r in rows:
+        assert r["status"] == "ok" or r["status"].startswith(("not applicable", "unavailable"))
+        if r["key"].get("policy") in pol.MC_POLICIES or r["key"]["evaluator"] in (
+                "gist_dnll", "lens_rank"):
+            assert r["status"] == "ok" or r["status"].startswith("unavailable")
+    assert all(isinstance(r["correct"], bool) for r in by_ev["passkey"] if r["status"] == "ok")
+    table = (tmp_path / "results.md").read_text()
+    assert "## ppl:" in table and "## passkey:" in table and "gap closed" in table
+    assert (tmp_path / "ppl.png").stat().st_size > 0 and first["plots"]
+
+    second = ev.run_sweep(spec, tmp_path, progress=False, plots=False)
+    assert second["computed"] == 0 and second["skipped"] == len(rows)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypatch):
+    conf = tmp_path / "mini.py"
+    conf.write_text(
+        "def get_config(variant=None):\n"
+        "    doc = dict(name='g', path='%s', tokens=256)\n"
+        "    return dict(name='mini', base='tiny', base_kw=dict(max_seq_len=512), evaluators=[\n"
+        "        dict(name='ppl', policies=['truncate', 'recency'], budgets=[64], docs=[doc],\n"
+        "             blocks_per_doc=2)])\n" % (ev.Path("experiments/data/kjv_genesis.txt")
+                                              .resolve()))
+    out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "mc_jax.decode", None)
+    r1 = ev.run_sweep(str(conf), out, progress=False, plots=False)
+    assert r1["computed"] == 2
+    assert ev.run_sweep(str(conf), out, progress=False, plots=False)["computed"] == 0
+
+    calls = []
+
+    def make_policy(name, base_model, budget, checkpoint=None, **kw):  # the runtime contract
+        calls.append((name, budget, checkpoint))
+        return pol.make_policy("truncate", base_model, budget)
+
+    fake = types.ModuleType("mc_jax.decode")
+    fake.make_policy = make_policy
+    monkeypatch.setitem(sys.modules, "mc_jax.decode", fake)
+    r3 = ev.run_sweep(str(conf), out, progress=False, plots=False)
+    assert r3["computed"] == 1 and calls == [("recency", 64, None)]
+    rows = ev.read_rows(out / "results.jsonl")
+    got = {r["key"]["policy"]: r for r in rows.values()}
+    assert got["recency"]["status"] == "ok"
+    assert got["recency"]["nll"] == pytest.approx(got["truncate"]["nll"], abs=1e-5)
