@@ -1,0 +1,672 @@
+"""Training GistNet and LensNet against the frozen base (SPEC §3), one jit-compiled sharded step.
+
+Per sequence of C + H tokens:
+1. GistNet builds the tree of the C history tokens (every level in one vectorised call).
+2. N1 working contexts ending at the cursor: the all-LOD0 recent window, plus N1 - 1 random legal
+   mixtures of LOD0 / LOD1 / LOD2 covering the whole history (`training_wc.sample_mixture`).
+3. One packed forward per WC, [WC || H horizon tokens], loss = next-token NLL of the H horizon
+   tokens only (the logit at slot W - 1 + h predicts horizon token h).
+4. GistNet loss: mean horizon NLL of the gist-bearing WCs (gradient through the frozen base into
+   the gists), + a contrastive hinge on the cosine of neighbouring LOD1 gists, + optional KL to the
+   full-context teacher.
+5. LensNet loss from measured utilities (stop-gradient): for each mixture, a few random legal
+   single edits are evaluated; d = NLL increase from losing the detail at that entry
+   (expansion: NLL(wc) - NLL(expanded); collapse: NLL(collapsed) - NLL(wc)); the regression target is
+   tanh(d / scale - lambda) (lambda: the regularised-argmin penalty per edit), + pairwise softplus
+   ranking, + a push towards the sign of the slate's argmin (best WC penalised by its edit
+   distance) when an edit wins, + a zero-sum budget term, + a penalty on illegal directions
+   (u > 0 on LOD0 blocks, u < 0 on protected blocks and top-level gists).
+6. One `jax.jit` over a Mesh ('data' axis): the batch is sharded, parameters replicated, the train
+   state donated; the base parameters are a separate, replicated, never-differentiated argument.
+
+Letters: B batch, C history, H horizon, N blocks, K block size, D d_model, W budget, P = W + H,
+M mixtures, E edits per mixture, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mc_jax import base_model as bm
+from mc_jax import training_wc as twc
+from mc_jax.errors import ConfigError, McJaxError
+from mc_jax.gistnet import GistNetConfig, build_gist_model, gist_fn_from_state
+from mc_jax.lensnet import LensNet, LensNetConfig
+from mc_jax.train_config import TrainConfig, load_config
+
+
+class TrainingDivergedError(McJaxError):
+    """A NaN or inf loss: the run stops and keeps its last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Models:
+    """Everything static about a run: configs, NNX graph definitions, the frozen base."""
+
+    cfg: TrainConfig
+    base_cfg: bm.LlamaConfig
+    pack: twc.PackConfig
+    gist_cfg: GistNetConfig
+    lens_cfg: LensNetConfig
+    gist_graph: Any
+    lens_graph: Any
+    tokenizer: Any = None
+
+
+def load_frozen_base(cfg: TrainConfig):
+    """(LlamaConfig, params, tokenizer or None) for cfg.base."""
+    if cfg.base == "tiny":
+        bcfg = bm.LlamaConfig.tiny()
+        return bcfg, bm.init_params(bcfg, jax.random.PRNGKey(1234)), None
+    from mc_jax.loading import load_base
+
+    m = load_base(None if cfg.base == "default" else cfg.base, dtype=cfg.base_dtype)
+    return m.cfg, m.params, m.tokenizer
+
+
+def build_models(cfg: TrainConfig, base_cfg: bm.LlamaConfig, base_params, tokenizer=None,
+                 seed: int | None = None):
+    """Models (static) and freshly initialised GistNet / LensNet states."""
+    pack = twc.PackConfig(seq_blocks=cfg.seq_len // 32, budget=cfg.budget, horizon=cfg.horizon,
+                          depth=cfg.depth, protect_blocks=cfg.protect_blocks,
+                          position_mode=cfg.position_mode, rope_damping=cfg.rope_damping)
+    if cfg.budget + cfg.horizon > base_cfg.max_seq_len:
+        raise ConfigError(f"budget {cfg.budget} + horizon {cfg.horizon} exceeds the base "
+                          f"model's context of {base_cfg.max_seq_len}")
+    rms = bm.embedding_rms(base_params)
+    gist_cfg = GistNetConfig(d_model=base_cfg.d_model, width=cfg.gist_width,
+                             heads=cfg.gist_heads, depth=cfg.depth,
+                             share_weights_across_levels=cfg.gist_shared, embed_rms=rms,
+                             dtype=cfg.compute_dtype)
+    lens_cfg = LensNetConfig(d_model=base_cfg.d_model, d_lens=cfg.lens_width,
+                             heads=cfg.lens_heads, n_latents=cfg.lens_latents,
+                             n_latent_layers=cfg.lens_layers, max_level=cfg.depth,
+                             delta_nll_head=True, dtype=cfg.compute_dtype)
+    seed = cfg.seed if seed is None else seed
+    gist_graph, gist_state = nnx.split(build_gist_model(gist_cfg, rngs=nnx.Rngs(seed)))
+    lens_graph, lens_state = nnx.split(LensNet(lens_cfg, rngs=nnx.Rngs(seed + 1)))
+    models = Models(cfg=cfg, base_cfg=base_cfg, pack=pack, gist_cfg=gist_cfg, lens_cfg=lens_cfg,
+                    gist_graph=gist_graph, lens_graph=lens_graph, tokenizer=tokenizer)
+    return models, gist_state, lens_state
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+def build_gists(gist_fn, tok_emb_NxKxD, depth: int, K: int = 32) -> tuple:
+    """All gist levels of a block-aligned history (complete nodes only)."""
+    gists, below = [], tok_emb_NxKxD
+    for level in range(1, depth + 1):
+        n = below.shape[0]
+        if n == 0:
+            gists.append(jnp.zeros((1, tok_emb_NxKxD.shape[-1]), jnp.float32))
+            below = below[:0]
+            continue
+        g = gist_fn(level, below).astype(jnp.float32)
+        gists.append(g)
+        n_up = g.shape[0] // K
+        below = g[: n_up * K].reshape(n_up, K, g.shape[-1])
+    # keep at least one row per level so gathers stay in bounds
+    return tuple(g if g.shape[0] else jnp.zeros((1, tok_emb_NxKxD.shape[-1])) for g in gists)
+
+
+def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, targets_BxH,
+                return_logits: bool = False, per_token: bool = False):
+    """Mean next-token NLL of the H horizon tokens per row (the logit at W-1+h predicts token h).
+
+    per_token: return the [B, H] NLLs instead of their mean."""
+    W, H = m.pack.budget, m.pack.horizon
+    sigma = sigma_BxP if m.pack.rope_damping else None
+    h_BxPxD, _ = bm.forward(base_params, m.base_cfg, x_BxPxD, pos_BxP, valid_BxT=valid_BxP,
+                            sigma_BxT=sigma, return_hidden=True)
+    h_BxHxD = h_BxPxD[:, W - 1: W - 1 + H]
+    head = base_params["embed"].T if m.base_cfg.tie_embeddings else base_params["lm_head"]
+    logits = jnp.einsum("bhd,dv->bhv", h_BxHxD, head.astype(h_BxHxD.dtype),
+                        preferred_element_type=jnp.float32)
+    nll_BxH = bm.token_nll(logits, targets_BxH)
+    if per_token:
+        return nll_BxH
+    if return_logits:
+        return nll_BxH.mean(-1), logits
+    return nll_BxH.mean(-1)
+
+
+def _spearmanish(a, b, mask):
+    """Pearson correlation of two masked vectors (a cheap in-step telemetry figure)."""
+    w = mask.astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    am, bm_ = (a * w).sum() / n, (b * w).sum() / n
+    cov = ((a - am) * (b - bm_) * w).sum()
+    return cov / jnp.sqrt(((a - am) ** 2 * w).sum() * ((b - bm_) ** 2 * w).sum() + 1e-12)
+
+
+def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models):
+    """Loss and metrics for one sequence of C + H tokens."""
+    cfg, pc = m.cfg, m.pack
+    K, N, C, H, D = pc.block_size, pc.seq_blocks, pc.seq_len, pc.horizon, m.base_cfg.d_model
+    ids, targets = tokens_T[:C], tokens_T[C:C + H]
+    base_params = jax.lax.stop_gradient(base_params)
+    emb_NxKxD = bm.embed_tokens(base_params, ids).reshape(N, K, D).astype(jnp.float32)
+    hor_emb = bm.embed_tokens(base_params, targets).astype(jnp.float32)
+    if cfg.phase == "lens":
+        gist_state = jax.lax.stop_gradient(gist_state)
+    gists = build_gists(gist_fn_from_state(m.gist_graph, gist_state), emb_NxKxD, pc.depth, K)
+
+    k_mix, k_edit = jax.random.split(key)
+    mix_keys = jax.random.split(k_mix, cfg.n_wc - 1)
+    levels = jnp.concatenate([twc.recent_window(pc)[None],
+                              jax.vmap(lambda k: twc.sample_mixture(k, pc))(mix_keys)])
+    pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
+    x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
+    tgt = jnp.broadcast_to(targets, (cfg.n_wc, H))
+    if cfg.kl_weight > 0:
+        nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True)
+    else:
+        nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt)
+    nll_recent, nll_mix = nll_wc[0], nll_wc[1:]
+
+    g1 = gists[0][:N]
+    g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
+    cos = jnp.sum(g1n[1:] * g1n[:-1], axis=-1)
+    contrastive = jnp.mean(jax.nn.relu(cos - cfg.contrastive_margin)) if N > 1 else 0.0
+    metrics = {"nll_recent": nll_recent, "nll_mix": nll_mix.mean(),
+               "nll_gap": nll_mix.mean() - nll_recent, "contrastive": contrastive,
+               "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:]).mean()
+               .astype(jnp.float32)}
+    loss = jnp.float32(0.0)
+    if cfg.phase in ("gist", "joint"):
+        gist_loss = nll_mix.mean() + cfg.contrastive_weight * contrastive
+        if cfg.kl_weight > 0:
+            full = jnp.concatenate([ids, targets])[None]
+            tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])
+            t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(tlogits[0, C - 1:C - 1 + H]), -1)
+            s_logp = jax.nn.log_softmax(logits[1:], -1)
+            kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1).mean()
+            gist_loss = gist_loss + cfg.kl_weight * kl
+            metrics["kl"] = kl
+        loss = loss + gist_loss
+        metrics["gist_loss"] = gist_loss
+    if cfg.phase in ("lens", "joint"):
+        lens_loss, lens_metrics = _lens_loss(lens_state, base_params, levels[1:], nll_mix,
+                                             jax.lax.stop_gradient(gists), emb_NxKxD, hor_emb,
+                                             targets, k_edit, m)
+        loss = loss + cfg.lens_weight * lens_loss
+        metrics.update(lens_metrics)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def lens_scores(lens_state, levels_MxN, gists, m: Models):
+    """LensNet output for a batch of WCs given as level assignments (training layout)."""
+    lens = nnx.merge(m.lens_graph, lens_state)
+    f = jax.vmap(lambda lv: twc.entry_features(lv, gists, m.pack))(levels_MxN)
+    M, N = levels_MxN.shape
+    out = lens(f["vec"], f["mask"], level_xE=f["level"], span_xE=f["span"],
+               distance_xE=f["distance"], since_edit_xE=jnp.full((M, N), 2 ** 30, jnp.int32),
+               tail_xUxD=f["tail"], tail_mask_xU=f["tail_mask"])
+    return out, f
+
+
+def edit_scores(u_MxN, mask_MxN, levels_MxN, blocks_MxE, kinds_MxE, pc: twc.PackConfig):
+    """The score an allocator would read for each edit: u of the entry (mean over the sibling
+    group for a group collapse)."""
+    b = jnp.arange(pc.seq_blocks)
+    lv = jnp.take_along_axis(levels_MxN, blocks_MxE, axis=1)
+    span_c = jnp.asarray([1] + [pc.top_group_blocks(l + 1) for l in range(1, pc.depth + 1)])[
+        jnp.clip(lv, 0, pc.depth)]
+    width = jnp.where(kinds_MxE == twc.COLLAPSE, span_c, 1)
+    R = ((b[None, None] >= blocks_MxE[..., None]) & (b[None, None] < (blocks_MxE + width)[..., None])
+         & mask_MxN[:, None, :])
+    return (u_MxN[:, None, :] * R).sum(-1) / jnp.maximum(R.sum(-1), 1)
+
+
+def measure_edits(base_params, levels_MxN, gists, emb_NxKxD, hor_emb, targets, key, m: Models):
+    """Sample single edits per WC and measure their horizon NLL (no gradient)."""
+    pc, E = m.pack, m.cfg.n_edits
+    M, N = levels_MxN.shape
+    blocks, kinds, evalid = jax.vmap(lambda k, lv: twc.sample_edits(k, lv, E, pc))(
+        jax.random.split(key, M), levels_MxN)
+    edited = jax.vmap(lambda lv, bs, ks: jax.vmap(
+        lambda b_, k_: twc.apply_edit(lv, b_, k_, pc))(bs, ks))(levels_MxN, blocks, kinds)
+    x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb_NxKxD, gists, hor_emb, pc))(
+        edited.reshape(M * E, N))
+    nll_e = horizon_nll(base_params, m, x, pos, sig, valid,
+                        jnp.broadcast_to(targets, (M * E, pc.horizon))).reshape(M, E)
+    return blocks, kinds, evalid, jax.lax.stop_gradient(nll_e)
+
+
+def utility_targets(nll_M, nll_MxE, kinds_MxE, cfg: TrainConfig):
+    """d: NLL increase from losing detail at the edited entry; t = tanh(d / scale - lambda)."""
+    d = jnp.where(kinds_MxE == twc.EXPAND, nll_M[:, None] - nll_MxE, nll_MxE - nll_M[:, None])
+    t = jnp.tanh(d / cfg.utility_scale - cfg.edit_lambda)
+    return d, t
+
+
+def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, targets, key,
+               m: Models):
+    cfg, pc = m.cfg, m.pack
+    nll_M = jax.lax.stop_gradient(nll_M)
+    blocks, kinds, evalid, nll_e = measure_edits(base_params, levels_MxN, gists, emb, hor_emb,
+                                                 targets, key, m)
+    d, t = utility_targets(nll_M, nll_e, kinds, cfg)
+    out, f = lens_scores(lens_state, levels_MxN, gists, m)
+    u_e = edit_scores(out.u, f["mask"], levels_MxN, blocks, kinds, pc)
+    w = evalid.astype(jnp.float32)
+    nv = jnp.maximum(w.sum(), 1.0)
+    reg = ((u_e - t) ** 2 * w).sum() / nv
+    # pairwise ranking inside each WC: entries whose detail matters more score higher
+    dd = d[:, :, None] - d[:, None, :]
+    pair = (w[:, :, None] * w[:, None, :]) * (dd > 0.25 * cfg.utility_scale)
+    du = u_e[:, :, None] - u_e[:, None, :]
+    rank = (jax.nn.softplus(-4.0 * du) * pair).sum() / jnp.maximum(pair.sum(), 1.0)
+    # regularised argmin over the slate {current WC, single edits}
+    slate = jnp.concatenate([nll_M[:, None], jnp.where(
+        evalid, nll_e + cfg.edit_lambda * cfg.utility_scale, jnp.inf)], axis=1)
+    best = jnp.argmin(slate, axis=1)
+    win = best > 0
+    e_star = jnp.maximum(best - 1, 0)
+    u_star = jnp.take_along_axis(u_e, e_star[:, None], 1)[:, 0]
+    sgn = jnp.where(jnp.take_along_axis(kinds, e_star[:, None], 1)[:, 0] == twc.EXPAND, 1.0, -1.0)
+    argmin = (jax.nn.softplus(-4.0 * sgn * u_star) * win).sum() / jnp.maximum(win.sum(), 1.0)
+    # zero-sum budget regulariser and illegal directions
+    emask = f["mask"].astype(jnp.float32)
+    budget = (((out.u * emask).sum(-1) / jnp.maximum(emask.sum(-1), 1.0)) ** 2).mean()
+    b = jnp.arange(pc.seq_blocks)
+    protected = b >= pc.seq_blocks - pc.protect_blocks
+    lod0 = f["level"] == 0
+    top = f["level"] == pc.depth
+    illegal = ((jax.nn.relu(out.u) * lod0 + jax.nn.relu(-out.u) * (protected[None] | top))
+               * emask).sum() / jnp.maximum(emask.sum(), 1.0)
+    delta_pred = jnp.take_along_axis(out.delta_nll, blocks, axis=1)
+    delta = (optax.huber_loss(delta_pred, d / cfg.utility_scale) * w).sum() / nv
+    loss = (reg + cfg.rank_weight * rank + argmin + cfg.budget_weight * budget
+            + cfg.illegal_weight * illegal + cfg.delta_head_weight * delta)
+    metrics = {"lens_loss": loss, "lens_reg": reg, "lens_rank": rank, "lens_argmin": argmin,
+               "lens_budget": budget, "lens_illegal": illegal, "lens_delta": delta,
+               "lens_corr": _spearmanish(u_e, d, evalid), "edit_d_mean": (d * w).sum() / nv,
+               "edits_valid": w.mean()}
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# train state and step
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    gist: Any
+    lens: Any
+    opt: Any
+    key: jax.Array  # base key: step t draws from fold_in(key, t), so a resumed run draws the same
+
+
+def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * 0.1)
+    train = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                        optax.adamw(sched, weight_decay=cfg.weight_decay))
+    trains = {"gist": cfg.phase in ("gist", "joint"), "lens": cfg.phase in ("lens", "joint")}
+    labels = {k: jax.tree.map(lambda _: "train" if trains[k] else "freeze", v)
+              for k, v in params.items()}
+    return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
+
+
+def init_state(m: Models, gist_state, lens_state) -> TrainState:
+    params = {"gist": gist_state, "lens": lens_state}
+    opt = make_optimizer(m.cfg, params).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), gist=gist_state, lens=lens_state, opt=opt,
+                      key=jax.random.PRNGKey(m.cfg.seed))
+
+
+def batch_loss(params, base_params, tokens_BxT, key, m: Models):
+    keys = jax.random.split(key, tokens_BxT.shape[0])
+    losses, metrics = jax.vmap(
+        lambda t, k: sequence_loss(params["gist"], params["lens"], base_params, t, k, m))(
+        tokens_BxT, keys)
+    return losses.mean(), jax.tree.map(jnp.mean, metrics)
+
+
+def train_step(state: TrainState, base_params, tokens_BxT, m: Models):
+    params = {"gist": state.gist, "lens": state.lens}
+    key = jax.random.fold_in(state.key, state.step)
+    (loss, metrics), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+        params, base_params, tokens_BxT, key, m)
+    tx = make_optimizer(m.cfg, params)
+    updates, opt = tx.update(grads, state.opt, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["finite"] = jnp.isfinite(loss).astype(jnp.float32)
+    new = TrainState(step=state.step + 1, gist=params["gist"], lens=params["lens"], opt=opt,
+                     key=state.key)
+    # never carry a non-finite update forward: the host stops on `finite == 0`
+    new = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(loss), a, b), new, state)
+    return new, metrics
+
+
+def make_mesh(n_devices: int | None = None) -> Mesh:
+    devs = np.array(jax.devices()[: n_devices or len(jax.devices())])
+    return Mesh(devs, ("data",))
+
+
+_STEP_CACHE: dict = {}
+TRACE_COUNT = {"train_step": 0}
+
+
+def compile_train_step(m: Models, mesh: Mesh):
+    """The jitted step for this config and mesh (cached: a resumed run in the same process, or a
+    second run of the same config, reuses the compiled step)."""
+    key = (m.cfg, m.base_cfg, tuple(d.id for d in mesh.devices.flat))
+    if key not in _STEP_CACHE:
+        rep = NamedSharding(mesh, P())
+        data = NamedSharding(mesh, P("data"))
+
+        def step(s, bp, t):
+            TRACE_COUNT["train_step"] += 1  # Python side effect: runs once per trace
+            return train_step(s, bp, t, m)
+
+        _STEP_CACHE[key] = jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, data),
+                                   out_shardings=(rep, rep))
+    return _STEP_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+class SyntheticBatches:
+    """Deterministic random token windows (for the tiny base): batch i depends on (seed, i) only.
+
+    Documents repeat short phrases so the far history carries information about the horizon.
+    """
+
+    def __init__(self, cfg: TrainConfig, vocab: int, mesh: Mesh | None):
+        self.cfg, self.vocab, self.mesh, self.index = cfg, vocab, mesh, 0
+
+    def _batch(self, i):
+        rng = np.random.default_rng([self.cfg.seed, i])
+        T = self.cfg.seq_len + self.cfg.horizon
+        phrases = rng.integers(0, self.vocab, (self.cfg.batch_size, 16, 24))
+        pick = rng.integers(0, 16, (self.cfg.batch_size, T // 24 + 1))
+        seq = np.take_along_axis(phrases, pick[..., None], 1).reshape(self.cfg.batch_size, -1)
+        return seq[:, :T].astype(np.int32)
+
+    def __next__(self):
+        b = self._batch(self.index)
+        self.index += 1
+        if self.mesh is None:
+            return {"tokens": jnp.asarray(b)}
+        return {"tokens": jax.device_put(b, NamedSharding(self.mesh, P("data")))}
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return {"kind": "synthetic", "next_index": self.index, "seed": self.cfg.seed}
+
+    def set_state(self, state):
+        if state.get("kind") != "synthetic":
+            raise ConfigError("checkpointed data state is not from the synthetic source")
+        self.index = int(state["next_index"])
+
+
+def make_batches(cfg: TrainConfig, m: Models, mesh: Mesh, split: str = "train"):
+    if cfg.data == "synthetic":
+        return SyntheticBatches(cfg, m.base_cfg.vocab_size, mesh)
+    from mc_jax import data
+
+    src = data.open_split(split, m.tokenizer, data_dir=cfg.data_dir)
+    wcfg = data.WindowConfig(cfg.seq_len + cfg.horizon, cfg.batch_size, seed=cfg.seed)
+    return data.make_batch_iterator(src, wcfg, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def _manager(workdir: Path, cfg: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
+                                        enable_async_checkpointing=False)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts)
+
+
+def save_checkpoint(mgr, state: TrainState, data_state: dict, meta: dict):
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(data_state),
+                                           meta=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+
+
+def restore_checkpoint(mgr, template: TrainState, step: int | None = None):
+    import orbax.checkpoint as ocp
+
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+        r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                      data=ocp.args.JsonRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises several types for damaged files
+        raise McJaxError(f"checkpoint step {step} in {mgr.directory} cannot be restored "
+                         f"({type(e).__name__}: {e}); delete that step folder to fall back to "
+                         "the previous one") from e
+    return r.state, r.data, r.meta
+
+
+def export_networks(path: Path, m: Models, state: TrainState, meta: dict, dtype="bfloat16"):
+    """Small standalone checkpoint of GistNet + LensNet (safetensors + JSON metadata)."""
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {}
+    for name, st in (("gist", state.gist), ("lens", state.lens)):
+        for kp, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(st))[0]:
+            key = name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+            arr = np.asarray(jax.device_get(v), np.float32)
+            flat[key] = arr.astype(jnp.dtype(dtype)) if dtype != "float32" else arr
+    tmp = path / "networks.safetensors.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp))
+    tmp.replace(path / "networks.safetensors")
+    info = dict(meta, train_config=json.loads(m.cfg.to_json()),
+                gist_config=dataclasses.asdict(m.gist_cfg),
+                lens_config=dataclasses.asdict(m.lens_cfg), dtype=dtype)
+    (path / "networks.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def load_networks(path: str | Path, base_cfg: bm.LlamaConfig | None = None):
+    """(gist model, lens model, info) from an export_networks directory."""
+    from safetensors.numpy import load_file
+
+    from mc_jax.errors import CorruptFileError
+
+    path = Path(path)
+    try:
+        info = json.loads((path / "networks.json").read_text())
+        flat = load_file(str(path / "networks.safetensors"))
+    except FileNotFoundError as e:
+        raise McJaxError(f"{path} is not a GistNet/LensNet checkpoint ({e})") from e
+    except Exception as e:
+        raise CorruptFileError(f"{path}: checkpoint is damaged ({e})") from e
+    gcfg = GistNetConfig(**info["gist_config"])
+    lcfg = LensNetConfig(**info["lens_config"])
+    if base_cfg is not None and gcfg.d_model != base_cfg.d_model:
+        raise ConfigError(f"{path} was trained for d_model {gcfg.d_model}, the base has "
+                          f"{base_cfg.d_model}")
+    gist = build_gist_model(gcfg, rngs=nnx.Rngs(0))
+    lens = LensNet(lcfg, rngs=nnx.Rngs(0))
+    for name, mod in (("gist", gist), ("lens", lens)):
+        st = nnx.state(mod, nnx.Param)
+        pure = nnx.to_pure_dict(st)
+        leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+        new = []
+        for kp, v in leaves:
+            key = name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+            if key not in flat or flat[key].shape != v.shape:
+                raise CorruptFileError(f"{path}: parameter {key} missing or of the wrong shape")
+            new.append(jnp.asarray(flat[key], jnp.float32))
+        nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(pure), new))
+        nnx.update(mod, st)
+    return gist, lens, info
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+def _writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter(str(workdir / "tb"))
+    except Exception:  # noqa: BLE001 - TensorBoard is optional output
+        return None
+
+
+def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: int | None = None,
+        n_devices: int | None = None, progress: bool = True, export: str | Path | None = None,
+        log=None) -> dict:
+    """Train; returns the summary printed as the last JSON line by the CLI."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    total = steps if steps is not None else cfg.steps
+    base_cfg, base_params, tok = load_frozen_base(cfg)
+    m, gist_state, lens_state = build_models(cfg, base_cfg, base_params, tok)
+    mesh = make_mesh(n_devices)
+    if cfg.batch_size % mesh.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of the "
+                          f"{mesh.size} devices of the mesh")
+    rep = NamedSharding(mesh, P())
+    base_params = jax.device_put(base_params, rep)
+    state = jax.device_put(init_state(m, gist_state, lens_state), rep)
+    batches = make_batches(cfg, m, mesh)
+    mgr = _manager(workdir, cfg)
+    meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name}
+    if resume:
+        restored = restore_checkpoint(mgr, state)
+        if restored is not None:
+            state, data_state, _ = restored
+            state = jax.device_put(state, rep)
+            batches.set_state(data_state)
+            log(f"resumed from step {int(state.step)} ({mgr.directory})")
+        else:
+            log("no checkpoint to resume from: starting fresh")
+    elif mgr.latest_step() is not None:
+        raise ConfigError(f"{workdir} already holds checkpoints; pass --resume to continue or "
+                          "use another --workdir")
+    (workdir / "config.json").write_text(cfg.to_json())
+    step_fn = compile_train_step(m, mesh)
+    writer = _writer(workdir)
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    start = int(state.step)
+    first_loss = last_loss = None
+    pending = None  # (step, metrics) of the step dispatched last: read after the next dispatch
+
+    def consume(step_i, mets, dt):
+        nonlocal first_loss, last_loss
+        mets = {k: float(v) for k, v in jax.device_get(mets).items()}
+        if mets["finite"] == 0.0:
+            raise TrainingDivergedError(
+                f"loss became NaN/inf at step {step_i}: stopping; the last good checkpoint in "
+                f"{workdir / 'checkpoints'} is kept (lower lr or check the data)")
+        first_loss = mets["loss"] if first_loss is None else first_loss
+        last_loss = mets["loss"]
+        mets.update(step=step_i, step_time=dt)
+        metrics_file.write(json.dumps(mets) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for k, v in mets.items():
+                writer.add_scalar(f"train/{k}", v, step_i)
+        return mets
+
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress,
+               desc=f"train {cfg.name}", file=sys.stderr, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    try:
+        for i in bar:
+            batch = next(batches)
+            state, mets = step_fn(state, base_params, batch["tokens"])
+            if pending is not None:
+                now = time.perf_counter()
+                shown = consume(pending[0], pending[1], now - t_last)
+                t_last = now
+                bar.set_postfix(loss=f"{shown['loss']:.4f}", nll_mix=f"{shown['nll_mix']:.3f}",
+                                s=f"{shown['step_time']:.1f}")
+            pending = (i + 1, mets)
+            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == total:
+                consume(pending[0], pending[1], time.perf_counter() - t_last)
+                t_last = time.perf_counter()
+                pending = None
+                save_checkpoint(mgr, state, batches.get_state(), dict(meta, step=i + 1))
+        if pending is not None:
+            consume(pending[0], pending[1], time.perf_counter() - t_last)
+    finally:
+        bar.close()
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+    ckpt = str((workdir / "checkpoints").absolute())
+    summary = {"steps": int(state.step), "first_loss": first_loss, "last_loss": last_loss,
+               "checkpoint": ckpt, "workdir": str(workdir)}
+    if export:
+        export_networks(Path(export), m, state, dict(meta, steps=int(state.step),
+                                                     last_loss=last_loss))
+        summary["exported"] = str(export)
+    return summary
+
+
+def add_train_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", default="tiny",
+                   help="preset NAME (tiny, cpu_small, gpu_poc) or FILE.py, optionally :VARIANT "
+                        "(gist, lens, joint, global for presets)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one TrainConfig field (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="train up to this step")
+    p.add_argument("--workdir", default="runs/train", help="checkpoints, metrics.jsonl, tb/")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--devices", type=int, default=None, help="use only the first N devices")
+    p.add_argument("--export", default=None,
+                   help="also write GistNet+LensNet (bf16 safetensors) to this directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def train_cli(args) -> int:
+    cfg = load_config(args.config, args.set)
+    summary = run(cfg, args.workdir, resume=args.resume, steps=args.steps,
+                  n_devices=args.devices, progress=not args.no_progress, export=args.export)
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv=None):
+    args = add_train_args(argparse.ArgumentParser(prog="mc-jax train")).parse_args(argv)
+    return train_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

