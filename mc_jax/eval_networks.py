@@ -1,0 +1,258 @@
+"""`mc-jax eval-gists` and `mc-jax eval-lens`: do the trained networks do their jobs?
+
+eval-gists: delta-NLL@H of one-block substitution per level on held-out windows. The reference
+WC is the raw recent window before the cursor (all LOD0); one node is replaced by its gist from
+(a) the trained GistNet, (b) the mean-pool baseline (mean -> identity linear -> embedding scale),
+(c) an untrained GistNet of the same config, and (d) nothing at all (the node is dropped: what a
+truncating model would lose). LOD1: each of a few 32-token blocks in a 512-token window; LOD2: the
+first 1024 tokens of a 1088-token window (32 blocks -> one gist). delta = NLL(substituted) -
+NLL(raw), mean over the H horizon tokens, nats/token. Lower is better; the design target is
+<= 0.1 at LOD1.
+
+eval-lens: LensNet scores vs measured single-edit utility. Mixture WCs are sampled exactly as in
+training; every sampled legal single edit is evaluated with the frozen base; the figure is the
+Spearman rank correlation between the score the allocator would read (u of the entry, mean over a
+sibling group for a group collapse) and d = the NLL increase from losing that detail, pooled over
+all evaluated edits, plus the mean of per-WC correlations.
+
+Letters: S substitutions, P packed length, D d_model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mc_jax import base_model as bm
+from mc_jax import training_wc as twc
+from mc_jax.gistnet import GistNetConfig, build_gist_model
+
+DEFAULT_NETWORKS = Path(__file__).parent / "assets" / "cpu_small"
+
+
+def default_checkpoint() -> Path:
+    return DEFAULT_NETWORKS
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 3:
+        return float("nan")
+
+    def rank(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # average ties
+            m = x == v
+            r[m] = r[m].mean()
+        return r
+
+    ra, rb = rank(a), rank(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _validation_windows(tokenizer, window_len: int, n: int, seed: int, data_dir=None):
+    from mc_jax import data
+
+    src = data.open_split("validation", tokenizer, data_dir=data_dir)
+    it = data.make_batch_iterator(src, data.WindowConfig(window_len, 1, seed=seed))
+    return [np.asarray(next(it)["tokens"])[0] for _ in range(n)]
+
+
+def _gist_variants(gist_trained, seed=0):
+    cfg: GistNetConfig = gist_trained.config
+    mean_cfg = GistNetConfig(**{**cfg.__dict__, "kind": "mean_pool"})
+    return {"gistnet": gist_trained,
+            "meanpool": build_gist_model(mean_cfg, rngs=nnx.Rngs(seed)),
+            "untrained": build_gist_model(cfg, rngs=nnx.Rngs(seed + 17))}
+
+
+def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: list[int],
+                     horizon: int, drop: bool = False) -> np.ndarray:
+    """Horizon NLL with each listed node (level 1: a block; level 2: 32 blocks starting at it)
+    replaced by its gist (or dropped). ids_T: history (a whole number of blocks) + horizon."""
+    K = 32
+    C = len(ids_T) - horizon
+    N = C // K
+    pc = twc.PackConfig(seq_blocks=N, budget=C, horizon=horizon, depth=max(level, 1),
+                        protect_blocks=1, edit_headroom=False)
+    emb = bm.embed_tokens(base, jnp.asarray(ids_T[:C])).reshape(N, K, -1).astype(jnp.float32)
+    hor = jnp.asarray(ids_T[C:])
+    hor_emb = bm.embed_tokens(base, hor).astype(jnp.float32)
+    g1 = gist_model(1, emb)
+    gists = [g1]
+    if level >= 2:
+        n2 = N // K
+        gists.append(gist_model(2, g1[: n2 * K].reshape(n2, K, -1)))
+    span = 1 if level == 1 else K
+    if drop:
+        # the node is simply absent: a raw WC of the remaining blocks, in order (compact positions)
+        xs = []
+        for b0 in blocks:
+            keep = [b for b in range(N) if not b0 <= b < b0 + span]
+            x = jnp.concatenate([emb[np.asarray(keep)].reshape(-1, emb.shape[-1]), hor_emb])
+            pad = C + horizon - x.shape[0]
+            x = jnp.concatenate([jnp.zeros((pad, x.shape[-1])), x])
+            valid = jnp.arange(C + horizon) >= pad
+            pos = jnp.where(valid, jnp.arange(C + horizon) - pad, 0).astype(jnp.float32)
+            xs.append((x, pos, valid))
+        x, pos, valid = (jnp.stack(v) for v in zip(*xs))
+    else:
+        levels = np.zeros((len(blocks), N), np.int32)
+        for i, b0 in enumerate(blocks):
+            levels[i, b0:b0 + span] = level
+        x, pos, _, valid = jax.vmap(lambda lv: twc.pack(lv, emb, tuple(gists), hor_emb, pc))(
+            jnp.asarray(levels))
+    return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
+        hor, (x.shape[0], horizon)), C))
+
+
+def _packed_nll(base, base_cfg, x, pos, valid, targets, W):
+    H = targets.shape[1]
+    h, _ = bm.forward(base, base_cfg, x.astype(base["embed"].dtype), pos, valid_BxT=valid,
+                      return_hidden=True)
+    head = base["embed"].T if base_cfg.tie_embeddings else base["lm_head"]
+    logits = jnp.einsum("bhd,dv->bhv", h[:, W - 1: W - 1 + H], head,
+                        preferred_element_type=jnp.float32)
+    return bm.token_nll(logits, targets).mean(-1)
+
+
+def raw_nll(base, base_cfg, ids_T, horizon):
+    C = len(ids_T) - horizon
+    logits = bm.logits_fn(base, base_cfg, jnp.asarray(ids_T)[None])[0, C - 1: C - 1 + horizon]
+    return float(bm.token_nll(logits, jnp.asarray(ids_T[C:])).mean())
+
+
+def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64,
+               lod1_window: int = 512, lod1_blocks=(0, 4, 8, 12), seed: int = 0,
+               data_dir=None, progress=True) -> dict:
+    from tqdm import tqdm
+
+    from mc_jax.loading import load_base
+    from mc_jax.train import load_networks
+
+    model = load_base(base)
+    gist, _, info = load_networks(checkpoint or default_checkpoint(), model.cfg)
+    variants = _gist_variants(gist)
+    fns = {k: jax.jit(lambda lv, x, g=g: g(lv, x), static_argnums=0) for k, g in variants.items()}
+    fns_call = {k: (lambda lv, x, f=f: f(lv, x)) for k, f in fns.items()}
+    rows = {f"lod{lv}_{k}": [] for lv in (1, 2) for k in list(variants) + ["drop"]}
+    w1 = _validation_windows(model.tokenizer, lod1_window + horizon, n_docs, seed, data_dir)
+    w2 = _validation_windows(model.tokenizer, 1088 + horizon, n_docs, seed + 1, data_dir)
+    for ids1, ids2 in tqdm(list(zip(w1, w2)), desc="eval-gists", disable=not progress,
+                           file=sys.stderr):
+        r1 = raw_nll(model.params, model.cfg, ids1, horizon)
+        r2 = raw_nll(model.params, model.cfg, ids2, horizon)
+        for k in variants:
+            n1 = substitution_nll(model.params, model.cfg, fns_call[k], ids1, level=1,
+                                  blocks=list(lod1_blocks), horizon=horizon)
+            rows[f"lod1_{k}"] += list(n1 - r1)
+            n2 = substitution_nll(model.params, model.cfg, fns_call[k], ids2, level=2,
+                                  blocks=[0], horizon=horizon)
+            rows[f"lod2_{k}"] += list(n2 - r2)
+        d1 = substitution_nll(model.params, model.cfg, fns_call["meanpool"], ids1, level=1,
+                              blocks=list(lod1_blocks), horizon=horizon, drop=True)
+        rows["lod1_drop"] += list(d1 - r1)
+        d2 = substitution_nll(model.params, model.cfg, fns_call["meanpool"], ids2, level=2,
+                              blocks=[0], horizon=horizon, drop=True)
+        rows["lod2_drop"] += list(d2 - r2)
+    out = {k: float(np.mean(v)) for k, v in rows.items()}
+    out.update({f"{k}_sem": float(np.std(v) / np.sqrt(len(v))) for k, v in rows.items()})
+    out.update(n_docs=n_docs, horizon=horizon, checkpoint=str(checkpoint or default_checkpoint()),
+               trained_steps=info.get("steps"), target_lod1=0.1)
+    return out
+
+
+def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, n_wc: int = 2,
+              seed: int = 0, data_dir=None, progress=True) -> dict:
+    from tqdm import tqdm
+
+    from mc_jax import train
+    from mc_jax.loading import load_base
+    from mc_jax.train_config import TrainConfig
+
+    model = load_base(base)
+    gist, lens, info = train.load_networks(checkpoint or default_checkpoint(), model.cfg)
+    tcfg = TrainConfig(**info["train_config"]).replace(n_edits=n_edits, n_wc=n_wc + 1,
+                                                       base="default")
+    m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
+    pc = m.pack
+    gist_graph, gist_state = nnx.split(gist)
+    lens_graph, lens_state = nnx.split(lens)
+    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph, "lens_graph": lens_graph})
+
+    @jax.jit
+    def one(tokens, key):
+        C, K, N = pc.seq_len, pc.block_size, pc.seq_blocks
+        ids, targets = tokens[:C], tokens[C:C + pc.horizon]
+        emb = bm.embed_tokens(model.params, ids).reshape(N, K, -1).astype(jnp.float32)
+        hor_emb = bm.embed_tokens(model.params, targets).astype(jnp.float32)
+        from mc_jax.gistnet import gist_fn_from_state
+        gists = train.build_gists(gist_fn_from_state(gist_graph, gist_state), emb, pc.depth)
+        k1, k2 = jax.random.split(key)
+        levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, n_wc))
+        x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb, gists, hor_emb, pc))(levels)
+        nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
+                                jnp.broadcast_to(targets, (n_wc, pc.horizon)))
+        blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
+                                                           hor_emb, targets, k2, m)
+        d, _ = train.utility_targets(nll, nll_e, kinds, tcfg)
+        out, f = train.lens_scores(lens_state, levels, gists, m)
+        u_e = train.edit_scores(out.u, f["mask"], levels, blocks, kinds, pc)
+        return u_e, d, evalid, kinds
+
+    windows = _validation_windows(model.tokenizer, pc.seq_len + pc.horizon, n_docs, seed,
+                                  data_dir)
+    us, ds, kinds_all, per_wc = [], [], [], []
+    for i, w in enumerate(tqdm(windows, desc="eval-lens", disable=not progress,
+                               file=sys.stderr)):
+        u, d, v, kd = map(np.asarray, one(jnp.asarray(w), jax.random.PRNGKey(seed * 1000 + i)))
+        for j in range(u.shape[0]):
+            mask = v[j]
+            us += list(u[j][mask])
+            ds += list(d[j][mask])
+            kinds_all += list(kd[j][mask])
+            per_wc.append(spearman(u[j][mask], d[j][mask]))
+    us, ds, kinds_all = np.array(us), np.array(ds), np.array(kinds_all)
+    res = {"spearman": spearman(us, ds), "spearman_mean_per_wc": float(np.nanmean(per_wc)),
+           "n_edits_evaluated": int(len(us)), "n_wc": len(per_wc),
+           "spearman_expand": spearman(us[kinds_all == 0], ds[kinds_all == 0]),
+           "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
+           "mean_d": float(ds.mean()), "checkpoint": str(checkpoint or default_checkpoint()),
+           "trained_steps": info.get("steps")}
+    return res
+
+
+def eval_gists_cli(args) -> int:
+    res = eval_gists(args.checkpoint, base=args.base, n_docs=args.docs, seed=args.seed,
+                     data_dir=args.data_dir)
+    print("delta-NLL@H of one-node substitution (nats/token, lower is better):")
+    for lv in (1, 2):
+        print(f"  LOD{lv}: " + "  ".join(
+            f"{k}={res[f'lod{lv}_{k}']:+.4f}±{res[f'lod{lv}_{k}_sem']:.4f}"
+            for k in ("gistnet", "meanpool", "untrained", "drop")))
+    print(f"  design target at LOD1: <= {res['target_lod1']}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def eval_lens_cli(args) -> int:
+    res = eval_lens(args.checkpoint, base=args.base, n_docs=args.docs, n_edits=args.edits,
+                    seed=args.seed, data_dir=args.data_dir)
+    print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} over "
+          f"{res['n_edits_evaluated']} edits (mean per WC {res['spearman_mean_per_wc']:+.3f}; "
+          f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
+    if args.json:
+        print(json.dumps(res))
+    return 0

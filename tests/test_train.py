@@ -1,0 +1,169 @@
+"""The train step on the tiny config over 8 fake CPU devices: targets, gradients, sharding,
+no recompilation, exact resume, a save killed half-way, and a loss that falls."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mc_jax import base_model as bm
+from mc_jax import train, training_wc as twc
+from mc_jax.train_config import load_config
+
+CFG = load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base_cfg, base_params, _ = train.load_frozen_base(CFG)
+    m, g, l = train.build_models(CFG, base_cfg, base_params)
+    return m, g, l, base_params
+
+
+def _batch(seed=0, n=8):
+    it = train.SyntheticBatches(CFG.replace(seed=seed, batch_size=n), 256, None)
+    return np.asarray(next(it)["tokens"])
+
+
+def test_horizon_targets_are_the_next_tokens_not_the_inputs(setup):
+    """A base that copies its input (all layers zeroed) predicts token t from token t. With a
+    history of token a and a horizon of token b, only the first horizon position (predicting b
+    from a) can be wrong; a loss on the inputs themselves would be ~0 everywhere."""
+    m, *_ = setup
+    cfg = bm.LlamaConfig.tiny()
+    p = bm.init_params(cfg, jax.random.PRNGKey(0))
+    p["layers"] = jax.tree.map(jnp.zeros_like, p["layers"])
+    p["layers"]["attn_norm"] = jnp.ones_like(p["layers"]["attn_norm"])
+    p["layers"]["ffn_norm"] = jnp.ones_like(p["layers"]["ffn_norm"])
+    pc, H = m.pack, m.pack.horizon
+    a, b = 5, 9
+    emb = bm.embed_tokens(p, jnp.full((pc.seq_len,), a)).reshape(pc.seq_blocks, 32, -1)
+    gists = tuple(jnp.zeros((max(pc.seq_blocks // 32 ** l, 1), cfg.d_model)) for l in range(2))
+    hor = jnp.full((H,), b)
+    x, pos, sig, valid = twc.pack(twc.recent_window(pc), emb, gists, bm.embed_tokens(p, hor), pc)
+    nll = train.horizon_nll(p, m, x[None], pos[None], sig[None], valid[None], hor[None],
+                            per_token=True)[0]
+    assert float(nll[0]) > 3.0  # b predicted from a: wrong
+    assert float(nll[1:].max()) < 0.5  # b predicted from b: right
+    # and the packed forward equals a plain forward over the same tokens
+    ids = jnp.concatenate([jnp.full((pc.budget,), a), hor])
+    plain = bm.logits_fn(p, cfg, ids[None])[0, pc.budget - 1: pc.budget - 1 + H]
+    np.testing.assert_allclose(nll, bm.token_nll(plain, hor), atol=1e-4)
+
+
+def test_gradients_reach_every_gistnet_and_lensnet_parameter_and_never_the_base(setup):
+    m, g, l, base = setup
+    tokens = jnp.asarray(_batch(n=2))
+    loss = lambda ps, bp: train.batch_loss(ps, bp, tokens, jax.random.PRNGKey(0), m)[0]  # noqa
+    grads, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))({"gist": g, "lens": l}, base)
+    for name in ("gist", "lens"):
+        for path, v in jax.tree_util.tree_flatten_with_path(grads[name])[0]:
+            assert float(jnp.max(jnp.abs(v))) > 0, f"no gradient reaches {name}{path}"
+    assert all(float(jnp.max(jnp.abs(v))) == 0 for v in jax.tree.leaves(gb))
+
+
+def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):
+    m, g, l, base = setup
+    assert len(jax.devices()) == 8
+    tokens = _batch(seed=3)
+    params = {"gist": g, "lens": l}
+    losses = []
+    for n in (1, 8):
+        mesh = train.make_mesh(n)
+        rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        f = jax.jit(lambda ps, bp, t: train.batch_loss(ps, bp, t, jax.random.PRNGKey(1), m)[0],
+                    in_shardings=(rep, rep, data), out_shardings=rep)
+        losses.append(float(f(jax.device_put(params, rep), jax.device_put(base, rep),
+                              jax.device_put(tokens, data))))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def _final_params(workdir):
+    mgr = train._manager(workdir, CFG)
+    r = mgr.restore(mgr.latest_step())
+    return r
+
+
+def _restore_state(workdir, setup):
+    m, g, l, _ = setup
+    template = train.init_state(m, g, l)
+    state, data, meta = train.restore_checkpoint(train._manager(workdir, CFG), template)
+    return state, data, meta
+
+
+def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_loss(
+        tmp_path, setup, capsys):
+    """One compiled step serves all of these (the step cache), so they share one test."""
+    from mc_jax.cli import main
+
+    # 1. an uninterrupted run of 12 steps through the CLI, on the 8-device mesh
+    full = tmp_path / "full"
+    n0 = train.TRACE_COUNT["train_step"]
+    assert main(["train", "--config", "tiny", "--workdir", str(full), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and summary["checkpoint"].endswith("checkpoints")
+    assert train.TRACE_COUNT["train_step"] - n0 == 1, "the train step retraced across steps"
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert list((full / "tb").iterdir()), "no TensorBoard events written"
+
+    # 2. the loss falls (mean of the last 3 steps vs the first 3)
+    first = np.mean([r["loss"] for r in rows[:3]])
+    last = np.mean([r["loss"] for r in rows[-3:]])
+    assert last < first, (first, last)
+
+    # 3. interrupted at step 6, a save of step 8 killed half-way, resumed to 12: bit-identical
+    part = tmp_path / "part"
+    train.run(CFG, part, steps=6, progress=False)
+    ckpts = part / "checkpoints"
+    # what a kill during Orbax's save leaves: an unfinalised temporary step folder
+    tmp_step = ckpts / "8.orbax-checkpoint-tmp-1234567890"
+    shutil.copytree(ckpts / "6", tmp_step)
+    for f in sorted(tmp_step.rglob("*")):
+        if f.is_file() and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+            break
+    n1 = train.TRACE_COUNT["train_step"]
+    res = train.run(CFG, part, steps=12, resume=True, progress=False)
+    assert res["steps"] == 12
+    assert train.TRACE_COUNT["train_step"] == n1, "resume recompiled the step"
+    a, da, _ = _restore_state(full, setup)
+    b, db, _ = _restore_state(part, setup)
+    assert da == db
+    for x, y in zip(jax.tree.leaves((a.gist, a.lens, a.opt)), jax.tree.leaves((b.gist, b.lens,
+                                                                                b.opt))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # 4. a workdir with checkpoints is not silently overwritten
+    assert main(["train", "--config", "tiny", "--workdir", str(full), "--no-progress"]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, setup, monkeypatch):
+    train.run(CFG, tmp_path, steps=2, progress=False)
+    real = train.load_frozen_base
+
+    def poisoned(cfg):  # same shapes: the cached compiled step is reused
+        bcfg, params, tok = real(cfg)
+        params = dict(params, embed=params["embed"].at[3].set(jnp.nan))
+        return bcfg, params, tok
+
+    monkeypatch.setattr(train, "load_frozen_base", poisoned)
+    with pytest.raises(train.TrainingDivergedError, match="NaN/inf at step 3"):
+        train.run(CFG, tmp_path, steps=4, resume=True, progress=False)
+    assert train._manager(tmp_path, CFG).latest_step() == 2
+
+
+def test_networks_export_round_trip(tmp_path, setup):
+    m, g, l, _ = setup
+    state = train.init_state(m, g, l)
+    train.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
+    gist, lens, info = train.load_networks(tmp_path / "nets")
+    assert info["steps"] == 0 and info["train_config"]["name"] == "tiny"
+    for a, b in zip(jax.tree.leaves(nnx.state(gist, nnx.Param)), jax.tree.leaves(g)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
