@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--policy", default="lens", choices=["lens", "recency"],
+                   help="focus policy for --input (default lens)")
+    p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
     _add_base(p)
     p.set_defaults(func=cmd_generate)
 
@@ -124,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: JSON {tokens, perplexity}")
     _add_base(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("score", help="teacher-forced streaming NLL of a document under "
+                                     "MegaContext (per-block NLL, perplexity; last line JSON)")
+    p.add_argument("--input", required=True, help="text file to stream")
+    p.add_argument("--budget", type=int, default=1024, help="working-context budget W")
+    p.add_argument("--checkpoint", default=None, help="GistNet/LensNet checkpoint directory "
+                                                      "(default: the shipped cpu_small networks)")
+    p.add_argument("--policy", default="lens", choices=["lens", "recency", "truncate"],
+                   help="focus policy (default lens)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
+    p.add_argument("--json", action="store_true", help="last line: JSON summary")
+    _add_base(p)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.decode").score_cli(a))
 
     from mc_jax.train_config import add_train_args
 
