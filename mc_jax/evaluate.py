@@ -62,7 +62,10 @@ def load_config(spec: str) -> tuple[dict, str, str | None]:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(variant)")
-    cfg = module.get_config(variant)
+    try:
+        cfg = module.get_config(variant)
+    except (ValueError, KeyError) as e:  # e.g. an unknown variant
+        raise ConfigError(f"{path}: get_config({variant!r}) failed: {e}") from e
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
     cfg = dict(cfg)
@@ -382,7 +385,9 @@ class PerplexityEvaluator(Evaluator):
                 r["ppl"] if _ok(r) else _short_status(r["status"]),
                 r.get("sec_per_block")] for r in sorted(
                     rows, key=lambda r: (r["W"], r["doc"], _porder(r["policy"])))]
-        s += "\n\nPer document:\n\n" + _md(["W", "doc", "policy", "ppl", "s/block"], per)
+        s += ("\n\nPer document (s/block: wall time of the row / scored blocks; the first row of "
+              "a shape includes its compile):\n\n"
+              + _md(["W", "doc", "policy", "ppl", "s/block"], per))
         return s
 
     def plot(self, rows, out_dir):
@@ -474,10 +479,10 @@ def passkey_case(tokenizer, W: int, mult: int, filler: str, depth: float, placem
 
 @register_evaluator("passkey")
 class PasskeyEvaluator(Evaluator):
-    """Passkey retrieval: a 5-digit key in mult*W tokens of filler, asked for at the end; exact match
-    of the first number in the greedy answer. Grid: policies x budgets x history multiples x filler
-    kinds (`repeat`: Landmark Attention sentences; `prose`: a shipped text) x depths x placements
-    (`aligned` to a block start, `straddle` across a block boundary) x seeds."""
+    """Passkey retrieval: a 5-digit key in mult*W tokens of filler, asked for at the end; exact
+    match of the first number in the greedy answer. Grid: policies x budgets x history multiples x
+    filler kinds (`repeat`: Landmark Attention sentences; `prose`: a shipped text) x depths x
+    placements (`aligned` to a block start, `straddle` across a block boundary) x seeds."""
 
     title = "Passkey retrieval (exact match of the greedy answer)"
 
@@ -504,7 +509,8 @@ class PasskeyEvaluator(Evaluator):
         ans = policy.answer(case["history"], case["question"],
                             int(ecfg.get("max_new_tokens", 8)))
         m = re.search(r"\d+", ans)
-        return dict(passkey=case["key"], answer=ans, correct=bool(m and m.group() == str(case["key"])),
+        correct = bool(m and m.group() == str(case["key"]))
+        return dict(passkey=case["key"], answer=ans, correct=correct,
                     history_tokens=len(case["history"]), needle_start=case["needle_start"],
                     key_start=case["key_start"], seconds=time.perf_counter() - t0)
 
@@ -805,10 +811,11 @@ def write_report(out: Path, cfg: dict, name: str, variant: str | None, spec: str
              f"`mc-jax eval --sweep {spec} --out {out}`; base: {cfg.get('base') or 'smollm2-135m'}"
              f"; checkpoint: {cfg.get('checkpoint')}; rows: {len(rows)}", ""]
     pngs: list[Path] = []
-    for ev_name in [e["name"] for e in cfg["evaluators"]] + sorted(_EVALUATORS):
+    names = dict.fromkeys([e["name"] for e in cfg["evaluators"]] + sorted(_EVALUATORS))
+    for ev_name in names:  # the config's order first, then rows of evaluators it no longer lists
         ev = _EVALUATORS[ev_name]
         ev_rows = [r for r in rows if r["evaluator"] == ev_name]
-        if not ev_rows or f"## {ev_name}:" in "\n".join(lines):
+        if not ev_rows:
             continue
         lines += [f"## {ev_name}: {ev.title}", "", ev.table(ev_rows), ""]
         if plots:

@@ -38,9 +38,9 @@ def get_config(variant=None):
     cfg = dict(name="cpu_small", base=None, dtype="float32", checkpoint=None, seed=0,
                evaluators=[ppl, passkey, gist, lens, cost])
     if variant == "quick":
-        # Sized for 2 cores shared with other jobs (measured time in docs/results.md): two 4096-token
-        # documents (8x W), W=512, 6 scored blocks each; passkey 4x/16x, 3 depths, needles
-        # straddling a block boundary.
+        # Sized for 2 cores shared with other jobs (measured time in docs/results.md): two
+        # 4096-token documents (8x W), W=512, 6 scored blocks each; passkey 4x/16x, 3 depths,
+        # needles straddling a block boundary.
         quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
                       dict(name="python-4k", path=python, offset=0, tokens=4096)]
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=6)
