@@ -584,16 +584,45 @@ def _runtime_call(fn_name: str, **kw) -> dict:
     return dict(out)
 
 
+def _eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
+    """`mc_jax.eval_networks.eval_gists / eval_lens` (held-out validation windows of the prepared
+    corpus, trained networks from `checkpoint`), memoised per call: one call serves every row."""
+    if ctx.cfg.get("base") == "tiny":
+        raise pol.Unavailable("eval_networks needs the real base model, not the tiny random one")
+    try:
+        import mc_jax.eval_networks as en
+    except ImportError as e:
+        raise pol.Unavailable(f"mc_jax.eval_networks not importable ({e})") from e
+    ckpt = ctx.checkpoint or en.default_checkpoint()
+    if not (Path(ckpt) / "networks.json").exists():
+        raise pol.Unavailable(f"no trained networks at {ckpt} (give --checkpoint DIR, an "
+                              "export_networks directory)")
+    memo = ctx.__dict__.setdefault("_en_memo", {})
+    key = (fn_name, str(ckpt), tuple(sorted(kw.items())))
+    if key not in memo:
+        memo[key] = getattr(en, fn_name)(str(ckpt), base=ctx.cfg.get("base"), progress=False,
+                                         **kw)
+    return memo[key]
+
+
 @register_evaluator("gist_dnll")
 class GistDeltaNLLEvaluator(Evaluator):
     """Delta-NLL@H of substituting one block (one node at `level`) by its gist, GistNet vs
-    mean-pool. Runtime contract: `gist_dnll(model=, checkpoint=, ids=, level=, horizon=, gist=
+    mean-pool. With `source="eval_networks"`: `mc_jax.eval_networks.eval_gists` on held-out
+    validation windows (`n_samples` windows; needs the prepared corpus and a checkpoint).
+    Otherwise the runtime contract: `gist_dnll(model=, checkpoint=, ids=, level=, horizon=, gist=
     "gistnet"|"meanpool", n_samples=, seed=) -> {"dnll": float, ...}` in mc_jax.decode or
     mc_jax.train."""
 
     title = "Delta-NLL@H of one-node gist substitution"
 
     def items(self, ecfg, ctx):
+        if ecfg.get("source") == "eval_networks":  # held-out windows, all levels in one call
+            return [_grid(ecfg, ctx, dict(gist=g, level=int(lv), doc="validation",
+                                          horizon=int(ecfg.get("horizon", 64)),
+                                          n_samples=int(ecfg.get("n_samples", 6)), seed=int(s)))
+                    for g in ecfg.get("gists", ["gistnet", "meanpool"])
+                    for lv in ecfg.get("levels", [1, 2]) for s in ecfg.get("seeds", [0])]
         return [_grid(ecfg, ctx, dict(gist=g, level=int(lv), doc=d["name"],
                                       horizon=int(ecfg.get("horizon", 64)),
                                       n_samples=int(ecfg.get("n_samples", 16)), seed=int(s)))
@@ -602,6 +631,15 @@ class GistDeltaNLLEvaluator(Evaluator):
                 for s in ecfg.get("seeds", [0])]
 
     def run(self, ecfg, ctx, item):
+        if ecfg.get("source") == "eval_networks":
+            res = _eval_networks(ctx, "eval_gists", n_docs=item["n_samples"],
+                                 horizon=item["horizon"], seed=item["seed"])
+            name = f"lod{item['level']}_{item['gist']}"
+            if name not in res:
+                raise pol.NotApplicable(f"eval_gists reports no {name}")
+            return dict(dnll=res[name], dnll_sem=res.get(f"{name}_sem"),
+                        dnll_drop=res.get(f"lod{item['level']}_drop"),
+                        trained_steps=res.get("trained_steps"))
         pol.runtime_function("gist_dnll", ("mc_jax.decode", "mc_jax.train"))
         doc = next(d for d in ecfg["docs"] if d["name"] == item["doc"])
         return _runtime_call("gist_dnll", model=ctx.model, checkpoint=ctx.checkpoint,
@@ -609,26 +647,36 @@ class GistDeltaNLLEvaluator(Evaluator):
                              gist=item["gist"], n_samples=item["n_samples"], seed=item["seed"])
 
     def table(self, rows):
-        return _md(["gist", "level", "doc", "status", "delta-NLL@H (nats/token)"],
-                   [[r["gist"], r["level"], r["doc"], _short_status(r["status"]), r.get("dnll")]
-                    for r in rows])
+        return _md(["gist", "level", "doc", "status", "delta-NLL@H (nats/token)",
+                    "drop the node instead"],
+                   [[r["gist"], r["level"], r["doc"], _short_status(r["status"]), r.get("dnll"),
+                     r.get("dnll_drop")] for r in rows])
 
 
 @register_evaluator("lens_rank")
 class LensRankEvaluator(Evaluator):
-    """How well LensNet scores rank measured single-edit delta-NLL (Spearman). Runtime contract:
+    """How well LensNet scores rank measured single-edit delta-NLL (Spearman). With
+    `source="eval_networks"`: `mc_jax.eval_networks.eval_lens` (mixture WCs sampled as in
+    training, on `n_samples` held-out windows). Otherwise the runtime contract:
     `lens_rank(model=, checkpoint=, ids=, budget=, horizon=, n_samples=, seed=) ->
     {"spearman": float, ...}` in mc_jax.decode or mc_jax.train."""
 
     title = "LensNet ranking of measured edit utilities"
 
     def items(self, ecfg, ctx):
+        if ecfg.get("source") == "eval_networks":  # WCs sampled as in training
+            return [_grid(ecfg, ctx, dict(W=None, doc="validation",
+                                          n_samples=int(ecfg.get("n_samples", 6)), seed=int(s)))
+                    for s in ecfg.get("seeds", [0])]
         return [_grid(ecfg, ctx, dict(W=int(W), doc=d["name"],
                                       horizon=int(ecfg.get("horizon", 64)),
                                       n_samples=int(ecfg.get("n_samples", 16)), seed=int(s)))
                 for W in ecfg["budgets"] for d in ecfg["docs"] for s in ecfg.get("seeds", [0])]
 
     def run(self, ecfg, ctx, item):
+        if ecfg.get("source") == "eval_networks":
+            res = _eval_networks(ctx, "eval_lens", n_docs=item["n_samples"], seed=item["seed"])
+            return {k: v for k, v in res.items() if k != "checkpoint"}
         pol.runtime_function("lens_rank", ("mc_jax.decode", "mc_jax.train"))
         doc = next(d for d in ecfg["docs"] if d["name"] == item["doc"])
         return _runtime_call("lens_rank", model=ctx.model, checkpoint=ctx.checkpoint,
@@ -756,12 +804,14 @@ def run_sweep(spec: str, out_dir: str | Path | None = None, *, checkpoint: str |
     done = read_rows(out / RESULTS)
     only = set(only) if only else None
     computed = skipped = 0
+    grid = {ecfg_i: _EVALUATORS[ecfg["name"]].items(ecfg, ctx)
+            for ecfg_i, ecfg in enumerate(cfg["evaluators"])}
     with open(out / RESULTS, "a") as f:
-        for ecfg in cfg["evaluators"]:
+        for ecfg_i, ecfg in enumerate(cfg["evaluators"]):
             ev = _EVALUATORS[ecfg["name"]]
             if only and ev.name not in only:
                 continue
-            items = ev.items(ecfg, ctx)
+            items = grid[ecfg_i]
             bar = tqdm(items, desc=f"{name}:{ev.name}", disable=not progress, file=sys.stderr,
                        dynamic_ncols=True)
             for item in bar:
@@ -786,7 +836,8 @@ def run_sweep(spec: str, out_dir: str | Path | None = None, *, checkpoint: str |
                 f.flush()
                 done[key] = json.loads(json.dumps(row, default=_json_default))
                 computed += 1
-    table, pngs = write_report(out, cfg, name, variant, spec, plots=plots)
+    keys = {row_key(it) for items in grid.values() for it in items}
+    table, pngs = write_report(out, cfg, name, variant, spec, plots=plots, keys=keys)
     return dict(out_dir=out, computed=computed, skipped=skipped, rows=len(done), table=table,
                 plots=pngs)
 
@@ -804,9 +855,10 @@ def _json_default(x):
 
 
 def write_report(out: Path, cfg: dict, name: str, variant: str | None, spec: str, *,
-                 plots: bool = True) -> tuple[Path, list[Path]]:
-    """results.md (one section per evaluator present in results.jsonl) and the PNG plots."""
-    rows = [_flat(r) for r in read_rows(out / RESULTS).values()]
+                 plots: bool = True, keys: set[str] | None = None) -> tuple[Path, list[Path]]:
+    """results.md (one section per evaluator) and the PNG plots, from the rows of results.jsonl
+    whose keys are in `keys` (the config's grid; rows of an older grid stay in the jsonl)."""
+    rows = [_flat(r) for k, r in read_rows(out / RESULTS).items() if keys is None or k in keys]
     lines = [f"# Sweep {name}" + (f":{variant}" if variant else ""), "",
              f"`mc-jax eval --sweep {spec} --out {out}`; base: {cfg.get('base') or 'smollm2-135m'}"
              f"; checkpoint: {cfg.get('checkpoint')}; rows: {len(rows)}", ""]

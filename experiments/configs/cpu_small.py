@@ -32,9 +32,11 @@ def get_config(variant=None):
                    policy_kw={"full": {"max_len": 4096}})  # full answers only at 4x (cost)
     cost = dict(name="cost", policies=["truncate", "sinks"] + MC_POLICIES, budgets=budgets,
                 doc=docs[0], blocks=4)
-    gist = dict(name="gist_dnll", docs=docs[:2], levels=[1, 2], gists=["gistnet", "meanpool"],
-                horizon=64, n_samples=16)
-    lens = dict(name="lens_rank", budgets=budgets, docs=docs[:2], horizon=64, n_samples=16)
+    # trained networks: mc_jax.eval_networks on held-out windows (needs --checkpoint or the
+    # default exported networks, and the prepared corpus)
+    gist = dict(name="gist_dnll", source="eval_networks", levels=[1, 2],
+                gists=["gistnet", "meanpool", "untrained"], horizon=64, n_samples=6)
+    lens = dict(name="lens_rank", source="eval_networks", n_samples=6)
     cfg = dict(name="cpu_small", base=None, dtype="float32", checkpoint=None, seed=0,
                evaluators=[ppl, passkey, gist, lens, cost])
     if variant == "quick":
@@ -46,8 +48,6 @@ def get_config(variant=None):
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=6)
         passkey.update(history_mults=[4, 16], depths=[0.1, 0.5, 0.9], placements=["straddle"])
         cost.update(budgets=[512], doc=quick_docs[0], blocks=2)
-        gist.update(docs=quick_docs[:1])
-        lens.update(budgets=[512], docs=quick_docs[:1])
     elif variant is not None:
         raise ValueError(f"cpu_small has variants: quick (got {variant!r})")
     return cfg

@@ -32,9 +32,9 @@ def get_config(variant=None):
              fillers=["repeat", "prose"], prose=genesis,
              depths=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
              placements=["aligned", "straddle"], seeds=[0, 1, 2], max_new_tokens=8),
-        dict(name="gist_dnll", docs=gap_docs, levels=[1, 2, 3], gists=["gistnet", "meanpool"],
-             horizon=64, n_samples=64),
-        dict(name="lens_rank", budgets=[2048, 8192], docs=long_docs, horizon=64, n_samples=64),
+        dict(name="gist_dnll", source="eval_networks", levels=[1, 2],
+             gists=["gistnet", "meanpool", "untrained"], horizon=64, n_samples=64),
+        dict(name="lens_rank", source="eval_networks", n_samples=64),
         dict(name="cost", policies=["truncate", "sinks", "recency", "lens"], budgets=[2048, 8192],
              doc=long_docs[0], blocks=32),
     ]
