@@ -464,16 +464,17 @@ def gather_entries(wc: WorkingContext, tree, cfg: WCConfig) -> EntryData:
     """
     K = cfg.block_size
     tok = tree.tokens_T
-    idx_ExK = wc.node_E[:, None] * K + jnp.arange(K)[None, :]
     is_tok = wc.valid_E & (wc.level_E == 0)
+    # rows an entry does not need read index 0, so memory traffic is only what the WC shows
+    idx_ExK = jnp.where(is_tok, wc.node_E, 0)[:, None] * K + jnp.arange(K)[None, :]
     tokens = jnp.where(is_tok[:, None], tok[jnp.clip(idx_ExK, 0, tok.shape[0] - 1)], 0)
     complete_block = is_tok & (wc.node_E < wc.num_tokens // K)
     view_level = jnp.where(wc.level_E == 0, 1, wc.level_E)
     vec = jnp.zeros((cfg.max_entries, tree.gists[0].shape[1]), tree.gists[0].dtype)
     for l in range(1, cfg.depth + 1):
         rows = tree.gists[l - 1]
-        got = rows[jnp.clip(wc.node_E, 0, rows.shape[0] - 1)]
         use = wc.valid_E & (view_level == l) & ((wc.level_E > 0) | complete_block)
+        got = rows[jnp.clip(jnp.where(use, wc.node_E, 0), 0, rows.shape[0] - 1)]
         vec = jnp.where(use[:, None], got, vec)
     return EntryData(tokens_ExK=tokens.astype(jnp.int32), vec_ExD=vec)
 
