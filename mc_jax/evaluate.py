@@ -399,11 +399,18 @@ class PerplexityEvaluator(Evaluator):
         ps = sorted({p for _, p in agg}, key=_porder)
         fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(Ws) * len(ps) / 2, 3.5))
         width = 0.8 / len(ps)
+        common = any(a["ppl_common"] for a in agg.values())
+        field = "ppl_common" if common else "ppl"
+        allys = []
         for j, p in enumerate(ps):
-            ys = [agg.get((W, p), {}).get("ppl") or 0 for W in Ws]
-            ax.bar(np.arange(len(Ws)) + j * width, ys, width, label=p)
+            ys = [agg.get((W, p), {}).get(field) or np.nan for W in Ws]
+            allys += ys
+            bars = ax.bar(np.arange(len(Ws)) + j * width, ys, width, label=p)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        lo, hi = np.nanmin(allys), np.nanmax(allys)
+        ax.set_ylim(lo - 0.5 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3))
         ax.set_xticks(np.arange(len(Ws)) + 0.4 - width / 2, [f"W={W}" for W in Ws])
-        ax.set_ylabel("perplexity (streamed, 32-token blocks)")
+        ax.set_ylabel("perplexity" + (" (docs where full fits)" if common else ""))
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / "ppl.png"
