@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, lens=True)
     p.set_defaults(func=lambda a: _lazy("mc_jax.eval_networks").eval_lens_cli(a))
 
+    p = sub.add_parser("eval", help="run an evaluation sweep "
+                                    "(experiments/configs/NAME.py[:VARIANT])")
+    from mc_jax.evaluate import add_eval_args
+
+    add_eval_args(p)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.evaluate").eval_cli(a))
+
     _register_optional(sub)
     return parser
 
