@@ -20,6 +20,7 @@ Letters: S substitutions, P packed length, D d_model.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -117,6 +118,7 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
         hor, (x.shape[0], horizon)), C))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 6))
 def _packed_nll(base, base_cfg, x, pos, valid, targets, W):
     H = targets.shape[1]
     h, _ = bm.forward(base, base_cfg, x.astype(base["embed"].dtype), pos, valid_BxT=valid,
