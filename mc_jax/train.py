@@ -646,7 +646,20 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
     return summary
 
 
+def maybe_init_distributed():
+    """Multi-host: `launch/train_multihost.sh` sets MC_JAX_COORDINATOR, MC_JAX_NUM_PROCESSES and
+    MC_JAX_PROCESS_ID; every process then runs the same program over the global mesh."""
+    import os
+
+    coord = os.environ.get("MC_JAX_COORDINATOR")
+    if coord:
+        jax.distributed.initialize(coordinator_address=coord,
+                                   num_processes=int(os.environ["MC_JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["MC_JAX_PROCESS_ID"]))
+
+
 def train_cli(args) -> int:
+    maybe_init_distributed()
     cfg = load_config(args.config, args.set)
     summary = run(cfg, args.workdir, resume=args.resume, steps=args.steps,
                   n_devices=args.devices, progress=not args.no_progress, export=args.export)
