@@ -1,0 +1,186 @@
+"""The MegaContext runtime (mc_jax/decode.py) on the tiny random base.
+
+One Session (one Runtime, so one compile per jitted function) is shared by the tests; each test
+resets its state. The reference is a plain-Python loop over the same pure pieces with no KV cache:
+one causal forward over [materialised WC || block] per block (per token when sampling).
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mc_jax import base_model as bm
+from mc_jax import decode as dm
+from mc_jax import focus as fm
+from mc_jax import tree as tm
+from mc_jax import working_context as wcm
+from mc_jax.errors import CapacityError, InputError, MissingResourceError
+from mc_jax.evaluate import ByteTokenizer, TinyBase
+from mc_jax.gistnet import GistNetConfig, build_gist_model
+from mc_jax.lensnet import LensNet, LensNetConfig
+
+K = 32
+W = 192
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = bm.LlamaConfig.tiny()
+    return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def session(model):
+    gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
+    lens = LensNet(LensNetConfig.tiny(d_model=64), rngs=nnx.Rngs(1))
+    # low thresholds so the untrained LensNet actually edits the WC
+    return dm.Session(model, W, gist, lens, policy="lens", capacity_tokens=4096, chunk=32,
+                      focus=fm.FocusConfig(tau_expand=0.01, tau_collapse=0.01, cooldown=1))
+
+
+def _ids(n, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, n).astype(np.int32)
+
+
+def _reference(session, ids, n_ingest, n_teacher, n_greedy):
+    """Plain-Python runtime: no jit, no KV cache."""
+    rt, params, nets = session.rt, session.params, session.nets
+    wcfg, bcfg = rt.cfg.wcfg, rt.base_cfg
+    embed = lambda i: bm.embed_tokens(params, i)
+    gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
+    st = dm.init_state(rt)
+    tree, wc = st.tree, st.wc
+    toks_out, nll_out = [], []
+    for b in range(n_ingest + n_teacher + n_greedy):
+        if b >= n_ingest:
+            m = wcm.materialise_tree(wc, tree, embed, wcfg, rt.cfg.position_mode)
+            cost = int(wc.total_cost())
+            x, pos = m.x_WxD[:cost], m.pos_W[:cost]
+            block = list(ids[b * K:(b + 1) * K]) if b < n_ingest + n_teacher else []
+            nll = []
+            for j in range(K):
+                if b < n_ingest + n_teacher and j > 0:
+                    continue  # teacher forcing: one forward per block (below)
+                seq = jnp.concatenate([x, embed(jnp.asarray(block[:j], jnp.int32))]) if j else x
+                p = jnp.concatenate([pos, cost + jnp.arange(j, dtype=jnp.int32)])
+                if b < n_ingest + n_teacher:
+                    seq = jnp.concatenate([x, embed(jnp.asarray(block, jnp.int32))])
+                    p = jnp.concatenate([pos, cost + jnp.arange(K, dtype=jnp.int32)])
+                    logits = bm.forward(params, bcfg, seq[None], p[None])[0][0]
+                    pred = logits[cost - 1:cost + K - 1]
+                    nll = list(np.asarray(bm.token_nll(pred[None], jnp.asarray(block)[None])[0]))
+                    break
+                logits = bm.forward(params, bcfg, seq[None], p[None])[0][0]
+                block.append(int(jnp.argmax(logits[-1])))
+            toks_out.append(block)
+            nll_out.append(nll)
+        block_ids = jnp.asarray(ids[b * K:(b + 1) * K] if b < n_ingest + n_teacher
+                                else toks_out[-1], jnp.int32)
+        tree = tm.append_tokens(tree, block_ids, rt.tcfg, embed, gist_fn)
+        wc = wcm.append(wc, K, wcfg)
+        u, _ = dm._lens_scores(rt, nets, st.replace(tree=tree, wc=wc))
+        wc, _ = fm.allocate(wc, u, wcfg, rt.cfg.focus, incoming=K)
+    return tree, wc, toks_out, nll_out
+
+
+def test_jit_step_matches_reference(session):
+    ids = _ids(40 * K)
+    n_ingest, n_teacher, n_greedy = 12, 3, 2
+    session.reset()
+    session.ingest(ids[:n_ingest * K])
+    got_nll, got_toks = [], []
+    for b in range(n_ingest, n_ingest + n_teacher):
+        info = session.step(ids[b * K:(b + 1) * K], teacher=True)
+        got_nll.append(info.nll_K)
+        got_toks.append(list(info.tokens_K))
+    for _ in range(n_greedy):
+        info = session.step(None, n_given=0, teacher=False, temperature=0.0)
+        got_toks.append(list(info.tokens_K))
+    tree, wc, toks, nll = _reference(session, ids, n_ingest, n_teacher, n_greedy)
+    assert got_toks == [list(map(int, t)) for t in toks]
+    np.testing.assert_allclose(np.stack(got_nll), np.asarray(nll[:n_teacher]), atol=2e-3)
+    assert wcm.to_host_entries(session.state.wc) == wcm.to_host_entries(wc)
+    np.testing.assert_array_equal(tm.token_ids(session.state.tree), tm.token_ids(tree))
+    for a, b in zip(session.state.tree.gists, tree.gists):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_kv_after_refocus_equals_full_recompute(session):
+    ids = _ids(40 * K, seed=1)
+    session.reset()
+    session.ingest(ids[:20 * K])
+    partial = []
+    for b in range(20, 26):
+        info = session.step(ids[b * K:(b + 1) * K])
+        partial.append(int(info.recompute))
+    session.sync()  # bring the cache up to date with the last refocus
+    st, rt = session.state, session.rt
+    cost = int(st.wc.total_cost())
+    assert 0 < min(partial[1:]) and min(partial[1:]) < cost, "exact prefix reuse never kicked in"
+    x, pos, valid, _ = dm._wc_inputs(rt, session.params, st)
+    fresh = bm.init_cache(rt.base_cfg, 1, rt.cfg.cache_slots)
+    _, fresh = bm.forward(session.params, rt.base_cfg, x[None], pos[None],
+                          valid_BxT=valid[None], cache=fresh, cache_index=0)
+    np.testing.assert_array_equal(np.asarray(st.cache.valid_BxS[0]), np.arange(
+        rt.cfg.cache_slots) < cost)
+    np.testing.assert_allclose(np.asarray(st.cache.k[:, :, :cost]),
+                               np.asarray(fresh.k[:, :, :cost]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(st.cache.v[:, :, :cost]),
+                               np.asarray(fresh.v[:, :, :cost]), atol=1e-4)
+    # the stored logit is the full recompute's logit of the last WC slot
+    logits = bm.forward(session.params, rt.base_cfg, x[None, :cost], pos[None, :cost])[0]
+    np.testing.assert_allclose(np.asarray(st.last_logits_V), np.asarray(logits[0, -1]),
+                               atol=1e-3)
+
+
+def test_no_recompile_over_100_steps(session):
+    ids = _ids(120 * K, seed=2)
+    session.reset()
+    session.step(ids[:K])
+    session.step(None, n_given=5, teacher=False, temperature=0.7, top_p=0.9)
+    session.ingest(ids[2 * K:4 * K])
+    before = dict(dm.TRACES)
+    for b in range(4, 104):
+        session.step(ids[b * K:(b + 1) * K])
+    session.ingest(ids[104 * K:110 * K])
+    session.step(None, n_given=3, teacher=False, temperature=1.0, top_p=0.5)
+    assert dm.TRACES == before
+    assert int(session.state.blocks) == 111
+
+
+def test_policy_interface(model, tmp_path):
+    pol = dm.make_policy("meanpool", model, W)
+    ids = _ids(12 * K, seed=3)
+    nll = pol.nll_stream(ids, [2, 9])
+    assert nll.shape == (2, K) and np.all(np.isfinite(nll))
+    np.testing.assert_allclose(pol.nll_stream(ids, [9, 2])[::-1], nll, atol=1e-5)  # pure
+    assert isinstance(pol.answer(ids[:300], [1, 2, 3], 4), str)
+    with pytest.raises(NotImplementedError):
+        dm.make_policy("oracle", model, W)
+    with pytest.raises(MissingResourceError):
+        dm.make_policy("lens", model, W, checkpoint=str(tmp_path / "missing"))
+
+
+def test_bad_inputs(session, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    for path, what in ((empty, "empty"), (binary, "binary")):
+        args = argparse.Namespace(input=str(path), prompt=None, question=None, budget=None,
+                                  base=None, dtype="float32")
+        with pytest.raises(InputError, match=what):
+            dm.generate_cli(args)
+        with pytest.raises(InputError, match=what):
+            dm.score_cli(argparse.Namespace(input=str(path), max_tokens=None, base=None,
+                                            dtype="float32"))
+    session.reset()
+    cap = session.cfg.capacity_tokens
+    with pytest.raises(CapacityError, match="capacity"):
+        session.ingest(np.zeros((cap + K,), np.int32))
+    with pytest.raises(Exception, match="outside the vocabulary"):
+        session.step(np.full((K,), 999, np.int32))
+    assert int(session.state.blocks) == 0  # nothing was ingested by the failed calls
