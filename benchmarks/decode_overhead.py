@@ -1,0 +1,207 @@
+"""Decode cost of the MegaContext runtime vs the plain base model, and its scaling with history.
+
+Usage: python benchmarks/decode_overhead.py [--model tiny|smollm2] [--budget 512] [--blocks 3]
+
+All figures come from one run, on one Session (one compile per jitted function):
+
+1. overhead at budget W: (a) the plain base model generating with a KV cache over W tokens
+   (`mc_jax.sampling.decode_step` on a cache of W slots, prefilled with W tokens), seconds per
+   token; (b) the full MegaContext step (KV sync after the last refocus + K sampled tokens +
+   GistNet ingest + LensNet + allocator), seconds per block / K. overhead_ratio = (b) / (a).
+2. scaling: time per block at histories of 8k, 64k and 1M tokens. The tree is filled quickly
+   with `tree.append_blocks` (random ids, the runtime's GistNet), the WC is built with the recency
+   policy (`working_context.build_recency`, budget W - K), then `--blocks` blocks are streamed
+   (teacher forced) after one warm-up block and timed. Each timed block is split into its KV
+   recompute (`jit_sync`, the suffix after the previous refocus) and the rest (`jit_step`, whose
+   own sync then recomputes nothing), so `kv_recompute_fraction` is measured, not estimated.
+3. recompilations after warm-up (trace counters of the jitted functions), and device memory in
+   use (sum of `jax.live_arrays()` bytes) at each history length. The tree has one fixed capacity
+   (~1M tokens, depth 3) for all three lengths, so memory is what that capacity costs.
+
+Policy: `lens` with an untrained LensNet (its cost is what matters here) and mean-pool gists at
+depth 3 (the shipped networks are depth 2, which cannot hold 1M tokens in W=512).
+Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mc_jax import base_model as bm
+from mc_jax import decode as dm
+from mc_jax import sampling
+from mc_jax import tree as tm
+from mc_jax import working_context as wcm
+from mc_jax.gistnet import GistNetConfig, build_gist_model
+from mc_jax.lensnet import LensNet, LensNetConfig
+
+K = 32
+HISTORIES = (8192, 65536, 1_000_000)
+
+
+def load(name: str):
+    if name == "tiny":
+        from mc_jax.evaluate import ByteTokenizer, TinyBase
+
+        cfg = bm.LlamaConfig.tiny()
+        return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer()), \
+            LensNetConfig.tiny(d_model=cfg.d_model, max_level=3)
+    from mc_jax.loading import load_base
+
+    m = load_base()
+    return m, LensNetConfig.small(d_model=m.cfg.d_model, max_level=3)
+
+
+def live_bytes() -> int:
+    return int(sum(a.nbytes for a in jax.live_arrays()))
+
+
+def plain_decode(model, W: int, n_tokens: int) -> float:
+    """Seconds per token: base model, cache of W slots holding W tokens."""
+    cfg, params = model.cfg, model.params
+    cache = bm.init_cache(cfg, 1, W + n_tokens + 2, params["embed"].dtype)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, W)), jnp.int32)
+    logits, cache = sampling.prefill(params, cfg, cache, ids, jnp.ones((1, W), bool))
+    tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    key = jax.random.PRNGKey(0)
+    tok, cache = sampling.decode_step(params, cfg, cache, tok, jnp.int32(W), key,
+                                      jnp.float32(0), jnp.float32(1))  # compile
+    jax.block_until_ready(tok)
+    t0 = time.perf_counter()
+    for i in range(n_tokens):
+        tok, cache = sampling.decode_step(params, cfg, cache, tok, jnp.int32(W + 1 + i), key,
+                                          jnp.float32(0), jnp.float32(1))
+    jax.block_until_ready(tok)
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def fill(session: dm.Session, n_tokens: int, seed: int):
+    """Tree of n_tokens random ids (append_blocks, N blocks per call) + the recency WC."""
+    rt, params, nets = session.rt, session.params, session.nets
+    N = 1024
+    n_blocks = n_tokens // K
+    rng = np.random.RandomState(seed)
+
+    @jax.jit
+    def add(tree, ids_NxK):
+        gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
+        return tm.append_blocks(tree, ids_NxK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
+                                gist_fn)
+
+    @jax.jit
+    def add1(tree, ids_1xK):
+        gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
+        return tm.append_blocks(tree, ids_1xK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
+                                gist_fn)
+
+    session.reset()
+    tree = session.state.tree
+    done = 0
+    while done < n_blocks:
+        n = min(N, n_blocks - done)
+        ids = jnp.asarray(rng.randint(0, rt.base_cfg.vocab_size, (n, K)), jnp.int32)
+        if n == N:
+            tree = add(tree, ids)
+        else:
+            for j in range(n):
+                tree = add1(tree, ids[j:j + 1])
+        done += n
+    tm.check_tree(tree, rt.tcfg)
+    wc = wcm.build_recency(n_blocks * K, rt.cfg.wcfg, budget=rt.cfg.budget - K)
+    session.state = session.state.replace(tree=tree, wc=wc)
+    session.ids = [0] * (n_blocks * K)
+    dm.check_state(session.state, rt)
+
+
+def timed_blocks(session: dm.Session, n: int, seed: int, teacher: bool = True):
+    rng = np.random.RandomState(seed)
+    V = session.rt.base_cfg.vocab_size
+    rows = []
+    for i in range(n):
+        ids = rng.randint(0, V, K).astype(np.int32)
+        t0 = time.perf_counter()
+        rec = session.sync()
+        jax.block_until_ready(session.state.cache.k)
+        t1 = time.perf_counter()
+        info = session.step(ids, n_given=0 if not teacher else K, teacher=teacher)
+        t2 = time.perf_counter()
+        rows.append(dict(sync_s=t1 - t0, rest_s=t2 - t1, total_s=t2 - t0, recompute=rec,
+                         actions=int(info.num_actions)))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--blocks", type=int, default=3, help="timed blocks per history length")
+    ap.add_argument("--plain-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    W = args.budget
+    model, lens_cfg = load(args.model)
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    gist = build_gist_model(GistNetConfig(d_model=model.cfg.d_model, depth=3, kind="mean_pool",
+                                          embed_rms=bm.embedding_rms(model.params)),
+                            rngs=nnx.Rngs(0))
+    lens = LensNet(lens_cfg, rngs=nnx.Rngs(1))
+    s = dm.Session(model, W, gist, lens, policy="lens", capacity_tokens=HISTORIES[-1] + 64 * K,
+                   depth=3)
+    say(f"model {args.model}, W={W}, tree capacity {s.cfg.capacity_tokens} tokens, depth 3, "
+        f"cache {s.cfg.cache_slots} slots, chunk {s.cfg.chunk}")
+
+    plain = plain_decode(model, W, args.plain_tokens)
+    say(f"(a) plain base, cache of {W} tokens: {plain * 1e3:.2f} ms/token")
+
+    results, traces_warm = {}, None
+    for h in HISTORIES:
+        t0 = time.perf_counter()
+        fill(s, h, seed=h % 997)
+        fill_s = time.perf_counter() - t0
+        timed_blocks(s, 1, seed=1)  # warm-up: full recompute (and compile at the first length)
+        if traces_warm is None:
+            timed_blocks(s, 1, seed=2, teacher=False)
+            traces_warm = dict(dm.TRACES)
+        rows = timed_blocks(s, args.blocks, seed=3)
+        samp = timed_blocks(s, 1, seed=4, teacher=False)
+        mem = live_bytes()
+        med = lambda key, rs=rows: float(np.median([r[key] for r in rs]))
+        results[h] = dict(block_s=med("total_s"), sync_s=med("sync_s"), rest_s=med("rest_s"),
+                          recompute=med("recompute"), sampled_block_s=samp[0]["total_s"],
+                          actions=float(np.mean([r["actions"] for r in rows])),
+                          device_bytes=mem, fill_s=fill_s)
+        say(f"history {h}: block {results[h]['block_s']:.3f}s (kv sync "
+            f"{results[h]['sync_s']:.3f}s for {results[h]['recompute']:.0f} slots, rest "
+            f"{results[h]['rest_s']:.3f}s), sampled block {samp[0]['total_s']:.3f}s, device "
+            f"{mem / 2 ** 20:.1f} MiB, fill {fill_s:.1f}s")
+    recompiles = sum(dm.TRACES[k] - traces_warm[k] for k in dm.TRACES)
+    nets = dm.time_networks(s)
+    base = results[HISTORIES[0]]
+    mc_per_token = base["sampled_block_s"] / K
+    out = dict(
+        model=args.model, budget=W, plain_s_per_token=plain,
+        megacontext_s_per_token=mc_per_token, overhead_ratio=mc_per_token / plain,
+        step_time_ratio_64k_vs_8k=results[65536]["block_s"] / base["block_s"],
+        step_time_ratio_1M_vs_8k=results[HISTORIES[-1]]["block_s"] / base["block_s"],
+        recompiles_after_warmup=recompiles,
+        kv_recompute_fraction=float(np.mean([r["sync_s"] / r["block_s"]
+                                             for r in results.values()])),
+        kv_recompute_slots=float(np.mean([r["recompute"] for r in results.values()])),
+        device_mib={str(h): r["device_bytes"] / 2 ** 20 for h, r in results.items()},
+        block_s={str(h): r["block_s"] for h, r in results.items()},
+        sampled_block_s={str(h): r["sampled_block_s"] for h, r in results.items()},
+        actions_per_block=float(np.mean([r["actions"] for r in results.values()])),
+        gistnet_s_per_call=nets["gistnet_s_per_call"],
+        lensnet_s_per_call=nets["lensnet_s_per_call"])
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
