@@ -4,7 +4,8 @@ eval-gists: delta-NLL@H of one-block substitution per level on held-out windows.
 WC is the raw recent window before the cursor (all LOD0); one node is replaced by its gist from
 (a) the trained GistNet, (b) the mean-pool baseline (mean -> identity linear -> embedding scale),
 (c) an untrained GistNet of the same config, and (d) nothing at all (the node is dropped: what a
-truncating model would lose). LOD1: each of a few 32-token blocks in a 512-token window; LOD2: the
+truncating model would lose). LOD1: blocks 4, 10, 13 and 14 of a 512-token window (block 15 is the
+newest, adjacent to the horizon; nearer blocks matter more); LOD2: the
 first 1024 tokens of a 1088-token window (32 blocks -> one gist). delta = NLL(substituted) -
 NLL(raw), mean over the H horizon tokens, nats/token. Lower is better; the design target is
 <= 0.1 at LOD1.
@@ -136,7 +137,7 @@ def raw_nll(base, base_cfg, ids_T, horizon):
 
 
 def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64,
-               lod1_window: int = 512, lod1_blocks=(0, 4, 8, 12), seed: int = 0,
+               lod1_window: int = 512, lod1_blocks=(4, 10, 13, 14), seed: int = 0,
                data_dir=None, progress=True) -> dict:
     from tqdm import tqdm
 
