@@ -479,7 +479,10 @@ def load_nets(base_model, checkpoint=None, *, need_trained: bool, depth: int = 2
     elif (path / "networks.json").is_file():
         from mc_jax.train import load_networks
 
-        gist, lens, info = load_networks(path, base_model.cfg)
+        try:
+            gist, lens, info = load_networks(path, base_model.cfg)
+        except ConfigError as e:  # trained for another base: no networks for this one
+            raise MissingResourceError(f"no trained networks for this base model: {e}") from e
         return gist, lens, dict(info, checkpoint=str(path))
     if not meanpool and checkpoint and path.exists():
         raise MissingResourceError(f"{path} has no networks.json: not an exported GistNet/"
@@ -657,7 +660,8 @@ class MegaContextPolicy:
 @functools.partial(jax.jit, static_argnames=("rt",))
 def _wc_inputs(rt, params, state):
     x, pos, sigma, valid, _, next_pos = _materialised_inputs(rt, params, state)
-    return x, pos, valid, next_pos
+    sigma = jnp.zeros(pos.shape, jnp.float32) if sigma is None else sigma
+    return x, pos, sigma, valid, next_pos
 
 
 def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> str:
@@ -666,14 +670,15 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
     from mc_jax import sampling
 
     model, rt = s.model, s.rt
-    x_SxD, pos_S, valid_S, next_pos = jax.device_get(_wc_inputs(rt, s.params, s.state))
+    x_SxD, pos_S, sig_S, valid_S, next_pos = jax.device_get(_wc_inputs(rt, s.params, s.state))
     cost = int(np.sum(np.asarray(valid_S))) if rt.cfg.policy == "truncate" else int(
         s.state.wc.total_cost())
     if rt.cfg.policy == "truncate":
         sel = np.asarray(valid_S)
-        x, pos = np.asarray(x_SxD)[sel], np.asarray(pos_S)[sel]
+        x, pos, sig = np.asarray(x_SxD)[sel], np.asarray(pos_S)[sel], np.asarray(sig_S)[sel]
     else:
-        x, pos = np.asarray(x_SxD)[:cost], np.asarray(pos_S)[:cost]
+        x, pos, sig = (np.asarray(x_SxD)[:cost], np.asarray(pos_S)[:cost],
+                       np.asarray(sig_S)[:cost])
     extra = np.concatenate([np.asarray(tail_ids, np.int32), np.asarray(question_ids, np.int32)])
     emb = np.asarray(bm.embed_tokens(s.params, jnp.asarray(extra))) if len(extra) else \
         np.zeros((0, x.shape[1]), x.dtype)
@@ -692,10 +697,12 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
     xp[0, :P] = x
     pp = np.zeros((1, T), np.int32)
     pp[0, :P] = pos
+    ss = np.zeros((1, T), np.float32)
+    ss[0, :len(sig)] = sig
     valid = np.arange(T)[None] < P
     cache = bm.init_cache(model.cfg, 1, size, s.params["embed"].dtype)
     logits, cache = _prefill_embeds(s.params, model.cfg, cache, jnp.asarray(xp),
-                                    jnp.asarray(pp), jnp.asarray(valid))
+                                    jnp.asarray(pp), jnp.asarray(ss), jnp.asarray(valid))
     tok = jnp.argmax(logits[:, P - 1], axis=-1).astype(jnp.int32)
     stops = _stop_ids(model)
     out = []
@@ -713,9 +720,9 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, valid_1xT):
-    return bm.forward(params, cfg, x_1xTxD, pos_1xT, valid_BxT=valid_1xT, cache=cache,
-                      cache_index=0)
+def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, sigma_1xT, valid_1xT):
+    return bm.forward(params, cfg, x_1xTxD, pos_1xT, valid_BxT=valid_1xT, sigma_BxT=sigma_1xT,
+                      cache=cache, cache_index=0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -754,11 +761,21 @@ def make_policy(name: str, base_model, budget: int, checkpoint=None, **kw):
                                   "measured delta-NLL) is not implemented in mc_jax.decode yet")
     if name not in ("recency", "meanpool", "lens"):
         raise NotImplementedError(f"unknown MegaContext policy {name!r}")
+    def check_budget(depth):
+        try:
+            wcm.WCConfig(w_max=int(budget), depth=depth)
+        except ConfigError as e:
+            from mc_jax.policies import NotApplicable
+
+            raise NotApplicable(f"budget {budget}: {e}") from e
+
     if name == "meanpool":
+        check_budget(kw.get("depth", 2))
         gist, _, info = load_nets(base_model, None, need_trained=False, meanpool=True,
                                   depth=kw.get("depth", 2))
         return MegaContextPolicy(name, base_model, budget, gist, None, "recency", **kw)
     gist, lens, info = load_nets(base_model, checkpoint, need_trained=True)
+    check_budget(gist.config.depth)
     tc = info.get("train_config", {})
     kw.setdefault("position_mode", tc.get("position_mode", "compact"))
     kw.setdefault("rope_damping", bool(tc.get("rope_damping", False)))

@@ -22,6 +22,7 @@ from mc_jax.errors import CapacityError, InputError, MissingResourceError
 from mc_jax.evaluate import ByteTokenizer, TinyBase
 from mc_jax.gistnet import GistNetConfig, build_gist_model
 from mc_jax.lensnet import LensNet, LensNetConfig
+from mc_jax.policies import NotApplicable
 
 K = 32
 W = 192
@@ -121,7 +122,17 @@ def test_jit_step_matches_reference(session):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_kv_after_refocus_equals_full_recompute(session):
+@pytest.fixture(scope="module")
+def global_session(model):
+    """Recency policy, global positions with Gaussian RoPE damping."""
+    gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
+    return dm.Session(model, W, gist, None, policy="recency", capacity_tokens=4096, chunk=32,
+                      position_mode="global", rope_damping=True)
+
+
+@pytest.mark.parametrize("which", ["session", "global_session"])
+def test_kv_after_refocus_equals_full_recompute(which, request):
+    session = request.getfixturevalue(which)
     ids = _ids(40 * K, seed=1)
     session.reset()
     session.ingest(ids[:20 * K])
@@ -133,10 +144,10 @@ def test_kv_after_refocus_equals_full_recompute(session):
     st, rt = session.state, session.rt
     cost = int(st.wc.total_cost())
     assert 0 < min(partial[1:]) and min(partial[1:]) < cost, "exact prefix reuse never kicked in"
-    x, pos, valid, _ = dm._wc_inputs(rt, session.params, st)
+    x, pos, sigma, valid, _ = dm._wc_inputs(rt, session.params, st)
     fresh = bm.init_cache(rt.base_cfg, 1, rt.cfg.cache_slots)
-    _, fresh = bm.forward(session.params, rt.base_cfg, x[None], pos[None],
-                          valid_BxT=valid[None], cache=fresh, cache_index=0)
+    _, fresh = bm.forward(session.params, rt.base_cfg, x[None], pos[None], valid_BxT=valid[None],
+                          sigma_BxT=sigma[None], cache=fresh, cache_index=0)
     np.testing.assert_array_equal(np.asarray(st.cache.valid_BxS[0]), np.arange(
         rt.cfg.cache_slots) < cost)
     np.testing.assert_allclose(np.asarray(st.cache.k[:, :, :cost]),
@@ -144,7 +155,8 @@ def test_kv_after_refocus_equals_full_recompute(session):
     np.testing.assert_allclose(np.asarray(st.cache.v[:, :, :cost]),
                                np.asarray(fresh.v[:, :, :cost]), atol=1e-4)
     # the stored logit is the full recompute's logit of the last WC slot
-    logits = bm.forward(session.params, rt.base_cfg, x[None, :cost], pos[None, :cost])[0]
+    logits = bm.forward(session.params, rt.base_cfg, x[None, :cost], pos[None, :cost],
+                        sigma_BxT=sigma[None, :cost])[0]
     np.testing.assert_allclose(np.asarray(st.last_logits_V), np.asarray(logits[0, -1]),
                                atol=1e-3)
 
@@ -175,6 +187,8 @@ def test_policy_interface(model, tmp_path):
         dm.make_policy("oracle", model, W)
     with pytest.raises(MissingResourceError):
         dm.make_policy("lens", model, W, checkpoint=str(tmp_path / "missing"))
+    with pytest.raises(NotApplicable, match="too small"):
+        dm.make_policy("meanpool", model, 64)
 
 
 def test_bad_inputs(session, tmp_path):
