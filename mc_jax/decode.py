@@ -262,7 +262,7 @@ def sync_cache(rt: Runtime, params, state: DecodeState):
     f = jnp.where(jnp.any(differs), jnp.argmax(differs), cost).astype(jnp.int32)
     # the stored logit belongs to slot kv_len - 1: recompute the last slot if that is not cost-1
     f = jnp.where((f >= cost) & (state.kv_len != cost), jnp.maximum(cost - 1, 0), f)
-    start0 = (f // C) * C
+    start0 = jnp.where(f >= cost, cost, (f // C) * C)  # chunk-aligned; nothing if unchanged
     cache = state.cache.replace(valid_BxS=state.cache.valid_BxS & (s < start0)[None])
     x_pad = jnp.pad(x_SxD, ((0, C), (0, 0)))
     pos_pad, valid_pad = jnp.pad(pos_S, (0, C)), jnp.pad(valid_S & (s < cost), (0, C))
@@ -962,6 +962,8 @@ def generate_cli(args) -> int:
     n_new = int(args.max_new_tokens)
     s = _session_for_cli(args, model, len(ids) + n_new + 64, log)
     fp = FocusPrinter(s, args.show_focus, args.telemetry)
+    if args.telemetry:
+        fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
     K = 32
     n_full = (len(ids) // K) * K
     t0 = time.perf_counter()
