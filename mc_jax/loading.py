@@ -214,6 +214,15 @@ def load_hf_dir(path: str | Path, *, weights: bool = True) -> BaseModel:
 # --------------------------------------------------------------------------------------------
 # GGUF
 
+# llama.cpp per-layer tensor names (blk.{i}.NAME.weight) -> Hugging Face names (model.layers.{i}.)
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+    "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
+    "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight"}
+
+
 def _unpermute_rope(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K permutation (interleaved pairs -> rotate-half halves)."""
     out, inp = w_OxI.shape
@@ -274,13 +283,8 @@ def gguf_to_hf(fields: dict[str, Any], tensors: dict[str, np.ndarray], where: st
           "model.norm.weight": get("output_norm.weight")}
     if not tied:
         hf["lm_head.weight"] = get("output.weight")
-    names = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-             "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
-             "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
-             "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight",
-             "ffn_down": "mlp.down_proj.weight"}
     for i in range(cfg.n_layers):
-        for g, h in names.items():
+        for g, h in GGUF_LAYER_NAMES.items():
             w = get(f"blk.{i}.{g}.weight")
             if g == "attn_q":
                 w = _unpermute_rope(w, nh)

@@ -68,13 +68,8 @@ def write_tiny_gguf(path, params, cfg, arch="llama"):
     w.add_eos_token_id(cfg.eos_id)
     w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", hf["model.norm.weight"])
-    names = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
-             "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
-             "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
-             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
-             "mlp.down_proj.weight": "ffn_down"}
     for i in range(cfg.n_layers):
-        for h, g in names.items():
+        for g, h in loading.GGUF_LAYER_NAMES.items():
             t = hf[f"model.layers.{i}.{h}"]
             if g == "attn_q":
                 t = _permute(t, cfg.n_heads)
