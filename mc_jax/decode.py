@@ -833,8 +833,8 @@ def _excerpt(tokenizer, ids, a, b, n=8) -> str:
 class FocusPrinter:
     """Turns successive StepInfos into --show-focus lines and telemetry rows."""
 
-    def __init__(self, session: Session, show: bool, telemetry=None, out=sys.stderr):
-        self.s, self.show, self.out = session, show, out
+    def __init__(self, session: Session, show: bool, telemetry=None, out=None):
+        self.s, self.show, self._out = session, show, out
         self.prev = None
         self.tele = open(telemetry, "w") if telemetry else None
         self.t_last = time.perf_counter()
@@ -864,7 +864,7 @@ class FocusPrinter:
                      for k, a, b, o, n in changes[:4]]
             more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
             print(f"[focus] block {row['block']} @ {row['history']} tok, WC {row['budget_used']}"
-                  f"/{row['budget']}: " + "; ".join(parts) + more, file=self.out)
+                  f"/{row['budget']}: " + "; ".join(parts) + more, file=self._out or sys.stderr)
 
     def header(self, **kw):
         if self.tele:

@@ -211,3 +211,33 @@ def test_bad_inputs(session, tmp_path):
     with pytest.raises(Exception, match="outside the vocabulary"):
         session.step(np.full((K,), 999, np.int32))
     assert int(session.state.blocks) == 0  # nothing was ingested by the failed calls
+
+
+def test_cli_score_and_generate_show_focus(model, tmp_path, monkeypatch, capsys):
+    """mc-jax score / generate end to end on the tiny base (load_base patched), with the
+    no-networks fallback (mean-pool gists + recency) announced."""
+    import json
+
+    from mc_jax import cli, eval_networks, loading
+
+    monkeypatch.setattr(loading, "load_base", lambda *a, **k: model)
+    monkeypatch.setattr(eval_networks, "default_checkpoint", lambda: tmp_path / "no-networks")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n"
+                           for i in range(40)))
+    tele = tmp_path / "t.jsonl"
+    assert cli.main(["score", "--input", str(doc), "--budget", "192", "--max-tokens", "768",
+                     "--telemetry", str(tele)]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert {"tokens", "perplexity", "policy", "budget", "blocks", "actions_per_block"} <= set(res)
+    assert res["tokens"] == 768 and res["policy"] == "recency" and res["budget"] == 192
+    assert "mean-pool gists and the recency policy" in err
+    rows = [json.loads(x) for x in tele.read_text().splitlines()]
+    assert rows[0]["kind"] == "header" and rows[0]["gistnet_s_per_call"] > 0
+    assert {"actions", "budget_used", "cooldown_hits", "kv_recompute"} <= set(rows[1])
+
+    assert cli.main(["generate", "--input", str(doc), "--question", "Which line?", "--budget",
+                     "192", "--show-focus", "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert "[focus] block" in err and "collapse [" in err and "summary: history" in err
