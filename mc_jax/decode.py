@@ -651,7 +651,12 @@ class MegaContextPolicy:
         s = self._session(len(ids) + 32)
         n_full = len(ids) // 32 * 32
         s.ingest(ids[:n_full])
-        return answer_after_wc(s, ids[n_full:], q, max_new_tokens)
+        try:
+            return answer_after_wc(s, ids[n_full:], q, max_new_tokens)
+        except CapacityError as e:
+            from mc_jax.policies import NotApplicable
+
+            raise NotApplicable(str(e)) from e
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -688,8 +693,8 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
     P = len(x)
     if P == 0:
         raise InputError("nothing to answer from: the history and the question are empty")
-    T = -(-P // 64) * 64
-    size = -(-(T + max_new_tokens) // 64) * 64
+    T = -(-P // 256) * 256  # few prompt shapes, so few compiles across a sweep
+    size = T + -(-max_new_tokens // 64) * 64
     if size > model.cfg.max_seq_len:
         raise CapacityError(f"WC ({cost}) + question ({len(extra)}) + {max_new_tokens} new "
                             f"tokens exceed the base model's context {model.cfg.max_seq_len}")
