@@ -35,8 +35,9 @@ case "$cmd" in
   setup) setup ;;
   demo)
     setup
-    exec .venv/bin/mc-jax generate --prompt "The capital of France is" --max-new-tokens 24 \
-      --temperature 0 "$@" ;;
+    # MegaContext over a 50k-token history (Genesis, KJV) with a 1024-slot working context
+    exec .venv/bin/mc-jax generate --input experiments/data/kjv_genesis.txt \
+      --question "Who built the ark?" --budget 1024 --show-focus --max-new-tokens 32 "$@" ;;
   test)
     setup
     export PYTHONHASHSEED=0
