@@ -150,7 +150,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, set
 
     def poisoned(cfg):  # same shapes: the cached compiled step is reused
         bcfg, params, tok = real(cfg)
-        params = dict(params, embed=params["embed"].at[3].set(jnp.nan))
+        layers = dict(params["layers"], wq=params["layers"]["wq"].at[0, 0, 0].set(jnp.nan))
+        params = dict(params, layers=layers)
         return bcfg, params, tok
 
     monkeypatch.setattr(train, "load_frozen_base", poisoned)
