@@ -187,13 +187,19 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
     cos = jnp.sum(g1n[1:] * g1n[:-1], axis=-1)
     contrastive = jnp.mean(jax.nn.relu(cos - cfg.contrastive_margin)) if N > 1 else 0.0
+    target = cfg.gist_var_target * m.gist_cfg.embed_rms
+    std_D = jnp.sqrt(jnp.var(g1, axis=0) + 1e-6)
+    variance = jnp.mean(jax.nn.relu(target - std_D)) / target
     metrics = {"nll_recent": nll_recent, "nll_mix": nll_mix.mean(),
                "nll_gap": nll_mix.mean() - nll_recent, "contrastive": contrastive,
+               "gist_std": jnp.mean(std_D) / m.gist_cfg.embed_rms, "gist_variance": variance,
                "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:]).mean()
                .astype(jnp.float32)}
     loss = jnp.float32(0.0)
     if cfg.phase in ("gist", "joint"):
         gist_loss = nll_mix.mean() + cfg.contrastive_weight * contrastive
+        if cfg.gist_var_weight > 0:
+            gist_loss = gist_loss + cfg.gist_var_weight * variance
         if cfg.kl_weight > 0:
             full = jnp.concatenate([ids, targets])[None]
             tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])

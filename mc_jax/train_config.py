@@ -54,6 +54,10 @@ class TrainConfig:
     contrastive_weight: float = 0.05
     contrastive_margin: float = 0.5
     kl_weight: float = 0.0           # KL to the full-context teacher (one extra forward of C + H)
+    # variance floor on LOD1 gists across the blocks of a sequence (VICReg-style): keeps GistNet
+    # from collapsing to one harmless constant vector, which the cosine hinge cannot undo
+    gist_var_weight: float = 0.0
+    gist_var_target: float = 0.5     # target per-channel std, as a fraction of the embedding RMS
     lens_weight: float = 1.0
     utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
     edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale
