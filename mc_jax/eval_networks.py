@@ -121,12 +121,9 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
 def _packed_nll(base, base_cfg, x, pos, valid, targets, W):
-    H = targets.shape[1]
-    h, _ = bm.forward(base, base_cfg, x.astype(base["embed"].dtype), pos, valid_BxT=valid,
-                      return_hidden=True)
-    head = base["embed"].T if base_cfg.tie_embeddings else base["lm_head"]
-    logits = jnp.einsum("bhd,dv->bhv", h[:, W - 1: W - 1 + H], head,
-                        preferred_element_type=jnp.float32)
+    from mc_jax.train import packed_logits
+
+    logits = packed_logits(base, base_cfg, x, pos, valid, W, targets.shape[1])
     return bm.token_nll(logits, targets).mean(-1)
 
 
@@ -148,7 +145,6 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
     gist, _, info = load_networks(checkpoint or default_checkpoint(), model.cfg)
     variants = _gist_variants(gist)
     fns = {k: jax.jit(lambda lv, x, g=g: g(lv, x), static_argnums=0) for k, g in variants.items()}
-    fns_call = {k: (lambda lv, x, f=f: f(lv, x)) for k, f in fns.items()}
     rows = {f"lod{lv}_{k}": [] for lv in (1, 2) for k in list(variants) + ["drop"]}
     w1 = _validation_windows(model.tokenizer, lod1_window + horizon, n_docs, seed, data_dir)
     w2 = _validation_windows(model.tokenizer, 1088 + horizon, n_docs, seed + 1, data_dir)
@@ -157,16 +153,16 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
         r1 = raw_nll(model.params, model.cfg, ids1, horizon)
         r2 = raw_nll(model.params, model.cfg, ids2, horizon)
         for k in variants:
-            n1 = substitution_nll(model.params, model.cfg, fns_call[k], ids1, level=1,
+            n1 = substitution_nll(model.params, model.cfg, fns[k], ids1, level=1,
                                   blocks=list(lod1_blocks), horizon=horizon)
             rows[f"lod1_{k}"] += list(n1 - r1)
-            n2 = substitution_nll(model.params, model.cfg, fns_call[k], ids2, level=2,
+            n2 = substitution_nll(model.params, model.cfg, fns[k], ids2, level=2,
                                   blocks=[0], horizon=horizon)
             rows[f"lod2_{k}"] += list(n2 - r2)
-        d1 = substitution_nll(model.params, model.cfg, fns_call["meanpool"], ids1, level=1,
+        d1 = substitution_nll(model.params, model.cfg, fns["meanpool"], ids1, level=1,
                               blocks=list(lod1_blocks), horizon=horizon, drop=True)
         rows["lod1_drop"] += list(d1 - r1)
-        d2 = substitution_nll(model.params, model.cfg, fns_call["meanpool"], ids2, level=2,
+        d2 = substitution_nll(model.params, model.cfg, fns["meanpool"], ids2, level=2,
                               blocks=[0], horizon=horizon, drop=True)
         rows["lod2_drop"] += list(d2 - r2)
     out = {k: float(np.mean(v)) for k, v in rows.items()}

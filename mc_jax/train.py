@@ -128,19 +128,26 @@ def build_gists(gist_fn, tok_emb_NxKxD, depth: int, K: int = 32) -> tuple:
     return tuple(g if g.shape[0] else jnp.zeros((1, tok_emb_NxKxD.shape[-1])) for g in gists)
 
 
+def packed_logits(base_params, base_cfg: bm.LlamaConfig, x_BxPxD, pos_BxP, valid_BxP, W: int,
+                  H: int, sigma_BxP=None):
+    """Logits [B, H, V] of the H positions after a W-slot working context (the logit at slot
+    W - 1 + h predicts horizon token h); only those H rows go through the output head."""
+    h_BxPxD, _ = bm.forward(base_params, base_cfg, x_BxPxD.astype(base_params["embed"].dtype),
+                            pos_BxP, valid_BxT=valid_BxP, sigma_BxT=sigma_BxP, return_hidden=True)
+    h_BxHxD = h_BxPxD[:, W - 1: W - 1 + H]
+    head = base_params["embed"].T if base_cfg.tie_embeddings else base_params["lm_head"]
+    return jnp.einsum("bhd,dv->bhv", h_BxHxD, head.astype(h_BxHxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, targets_BxH,
                 return_logits: bool = False, per_token: bool = False):
     """Mean next-token NLL of the H horizon tokens per row (the logit at W-1+h predicts token h).
 
     per_token: return the [B, H] NLLs instead of their mean."""
-    W, H = m.pack.budget, m.pack.horizon
     sigma = sigma_BxP if m.pack.rope_damping else None
-    h_BxPxD, _ = bm.forward(base_params, m.base_cfg, x_BxPxD, pos_BxP, valid_BxT=valid_BxP,
-                            sigma_BxT=sigma, return_hidden=True)
-    h_BxHxD = h_BxPxD[:, W - 1: W - 1 + H]
-    head = base_params["embed"].T if m.base_cfg.tie_embeddings else base_params["lm_head"]
-    logits = jnp.einsum("bhd,dv->bhv", h_BxHxD, head.astype(h_BxHxD.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = packed_logits(base_params, m.base_cfg, x_BxPxD, pos_BxP, valid_BxP, m.pack.budget,
+                           m.pack.horizon, sigma)
     nll_BxH = bm.token_nll(logits, targets_BxH)
     if per_token:
         return nll_BxH
@@ -149,7 +156,7 @@ def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, 
     return nll_BxH.mean(-1)
 
 
-def _spearmanish(a, b, mask):
+def _pearson(a, b, mask):
     """Pearson correlation of two masked vectors (a cheap in-step telemetry figure)."""
     w = mask.astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
@@ -307,7 +314,7 @@ def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, 
             + cfg.illegal_weight * illegal + cfg.delta_head_weight * delta)
     metrics = {"lens_loss": loss, "lens_reg": reg, "lens_rank": rank, "lens_argmin": argmin,
                "lens_budget": budget, "lens_illegal": illegal, "lens_delta": delta,
-               "lens_corr": _spearmanish(u_e, d, evalid), "edit_d_mean": (d * w).sum() / nv,
+               "lens_corr": _pearson(u_e, d, evalid), "edit_d_mean": (d * w).sum() / nv,
                "edits_valid": w.mean()}
     return loss, metrics
 
@@ -482,6 +489,11 @@ def restore_checkpoint(mgr, template: TrainState, step: int | None = None):
     return r.state, r.data, r.meta
 
 
+def _flat_key(name: str, keypath) -> str:
+    """'gist/cores/0/...': the safetensors key of one network parameter."""
+    return name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+
+
 def export_networks(path: Path, m: Models, state: TrainState, meta: dict, dtype="bfloat16"):
     """Small standalone checkpoint of GistNet + LensNet (safetensors + JSON metadata)."""
     from safetensors.numpy import save_file
@@ -490,7 +502,7 @@ def export_networks(path: Path, m: Models, state: TrainState, meta: dict, dtype=
     flat = {}
     for name, st in (("gist", state.gist), ("lens", state.lens)):
         for kp, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(st))[0]:
-            key = name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+            key = _flat_key(name, kp)
             arr = np.asarray(jax.device_get(v), np.float32)
             flat[key] = arr.astype(jnp.dtype(dtype)) if dtype != "float32" else arr
     tmp = path / "networks.safetensors.tmp"
@@ -529,7 +541,7 @@ def load_networks(path: str | Path, base_cfg: bm.LlamaConfig | None = None):
         leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
         new = []
         for kp, v in leaves:
-            key = name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+            key = _flat_key(name, kp)
             if key not in flat or flat[key].shape != v.shape:
                 raise CorruptFileError(f"{path}: parameter {key} missing or of the wrong shape")
             new.append(jnp.asarray(flat[key], jnp.float32))

@@ -164,15 +164,12 @@ def _collapse_to_fit(level_N, cfg: PackConfig):
         n_nodes = cfg.seq_blocks // g + 1
         all_lower = jax.ops.segment_min(jnp.where(level_N == lv - 1, 1, 0), node, n_nodes)
         complete = (node + 1) * g <= cfg.seq_blocks - cfg.protect_blocks
-        # saving of collapsing a node: g entries of cost 1 -> 1 entry (approximate for lv > 2)
-        saving = (g // cfg.top_group_blocks(lv - 1)) - 1
 
         def body(i, lvl):
             over = wc_cost(lvl, cfg) > cfg.mixture_budget
             can = (node == i) & complete & (all_lower[i] == 1)
             return jnp.where(over & can, lv, lvl)
 
-        del saving
         level_N = jax.lax.fori_loop(0, n_nodes, body, level_N)
     return level_N
 
