@@ -167,6 +167,17 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
         rows["lod2_drop"] += list(d2 - r2)
     out = {k: float(np.mean(v)) for k, v in rows.items()}
     out.update({f"{k}_sem": float(np.std(v) / np.sqrt(len(v))) for k, v in rows.items()})
+    # paired differences (same windows, same blocks): far tighter than comparing two means
+    for lv in (1, 2):
+        g = np.asarray(rows[f"lod{lv}_gistnet"])
+        for k in ("meanpool", "untrained", "drop"):
+            d = g - np.asarray(rows[f"lod{lv}_{k}"])
+            out[f"lod{lv}_gistnet_minus_{k}"] = float(d.mean())
+            out[f"lod{lv}_gistnet_minus_{k}_sem"] = float(d.std(ddof=1) / np.sqrt(len(d)))
+    nb = len(lod1_blocks)
+    for k in list(variants) + ["drop"]:  # LOD1 per block (rows are doc-major, block-minor)
+        per = np.asarray(rows[f"lod1_{k}"]).reshape(-1, nb).mean(0)
+        out[f"lod1_{k}_per_block"] = {int(b): float(v) for b, v in zip(lod1_blocks, per)}
     out.update(n_docs=n_docs, horizon=horizon, checkpoint=str(checkpoint or default_checkpoint()),
                trained_steps=info.get("steps"), target_lod1=0.1)
     return out
@@ -240,6 +251,14 @@ def eval_gists_cli(args) -> int:
         print(f"  LOD{lv}: " + "  ".join(
             f"{k}={res[f'lod{lv}_{k}']:+.4f}±{res[f'lod{lv}_{k}_sem']:.4f}"
             for k in ("gistnet", "meanpool", "untrained", "drop")))
+    for lv in (1, 2):
+        print(f"  LOD{lv} paired, gistnet minus: " + "  ".join(
+            f"{k} {res[f'lod{lv}_gistnet_minus_{k}']:+.4f}±"
+            f"{res[f'lod{lv}_gistnet_minus_{k}_sem']:.4f}"
+            for k in ("meanpool", "untrained", "drop")))
+    print("  LOD1 per block (block: gistnet / drop): " + "  ".join(
+        f"{b}: {v:+.3f} / {res['lod1_drop_per_block'][b]:+.3f}"
+        for b, v in res["lod1_gistnet_per_block"].items()))
     print(f"  design target at LOD1: <= {res['target_lod1']}")
     if args.json:
         print(json.dumps(res))

@@ -177,18 +177,22 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
         gist_state = jax.lax.stop_gradient(gist_state)
     gists = build_gists(gist_fn_from_state(m.gist_graph, gist_state), emb_NxKxD, pc.depth, K)
 
-    k_mix, k_edit = jax.random.split(key)
+    k_mix, k_edit, k_sub = jax.random.split(key, 3)
     mix_keys = jax.random.split(k_mix, cfg.n_wc - 1)
-    levels = jnp.concatenate([twc.recent_window(pc)[None],
-                              jax.vmap(lambda k: twc.sample_mixture(k, pc))(mix_keys)])
+    rows = [twc.recent_window(pc)[None], jax.vmap(lambda k: twc.sample_mixture(k, pc))(mix_keys)]
+    if cfg.n_subst:
+        rows.append(jax.vmap(lambda k: twc.substitution_window(k, pc))(
+            jax.random.split(k_sub, cfg.n_subst)))
+    levels = jnp.concatenate(rows)
+    n_rows = cfg.n_wc + cfg.n_subst
     pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
     x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
-    tgt = jnp.broadcast_to(targets, (cfg.n_wc, H))
-    if cfg.kl_weight > 0:
+    tgt = jnp.broadcast_to(targets, (n_rows, H))
+    if cfg.kl_weight > 0 or cfg.n_subst:
         nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True)
     else:
         nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt)
-    nll_recent, nll_mix = nll_wc[0], nll_wc[1:]
+    nll_recent, nll_mix, nll_sub = nll_wc[0], nll_wc[1:cfg.n_wc], nll_wc[cfg.n_wc:]
 
     g1 = gists[0][:N]
     g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
@@ -200,27 +204,36 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     metrics = {"nll_recent": nll_recent, "nll_mix": nll_mix.mean(),
                "nll_gap": nll_mix.mean() - nll_recent, "contrastive": contrastive,
                "gist_std": jnp.mean(std_D) / m.gist_cfg.embed_rms, "gist_variance": variance,
-               "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:]).mean()
+               "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:cfg.n_wc]).mean()
                .astype(jnp.float32)}
     loss = jnp.float32(0.0)
+    if cfg.n_subst:
+        # teacher: the recent window's own distribution (stop-gradient; same forward batch)
+        r_logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits[0]), -1)
+        s_logp = jax.nn.log_softmax(logits[cfg.n_wc:], -1)
+        subst_kl = jnp.sum(jnp.exp(r_logp) * (r_logp - s_logp), -1).mean()
+        metrics.update(nll_subst=nll_sub.mean(), subst_gap=nll_sub.mean() - nll_recent,
+                       subst_kl=subst_kl)
     if cfg.phase in ("gist", "joint"):
         gist_loss = nll_mix.mean() + cfg.contrastive_weight * contrastive
+        if cfg.n_subst:
+            gist_loss = gist_loss + nll_sub.mean() + cfg.subst_kl_weight * subst_kl
         if cfg.gist_var_weight > 0:
             gist_loss = gist_loss + cfg.gist_var_weight * variance
         if cfg.kl_weight > 0:
             full = jnp.concatenate([ids, targets])[None]
             tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])
             t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(tlogits[0, C - 1:C - 1 + H]), -1)
-            s_logp = jax.nn.log_softmax(logits[1:], -1)
+            s_logp = jax.nn.log_softmax(logits[1:cfg.n_wc], -1)
             kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1).mean()
             gist_loss = gist_loss + cfg.kl_weight * kl
             metrics["kl"] = kl
         loss = loss + gist_loss
         metrics["gist_loss"] = gist_loss
     if cfg.phase in ("lens", "joint"):
-        lens_loss, lens_metrics = _lens_loss(lens_state, base_params, levels[1:], nll_mix,
-                                             jax.lax.stop_gradient(gists), emb_NxKxD, hor_emb,
-                                             targets, k_edit, m)
+        lens_loss, lens_metrics = _lens_loss(lens_state, base_params, levels[1:cfg.n_wc],
+                                             nll_mix, jax.lax.stop_gradient(gists), emb_NxKxD,
+                                             hor_emb, targets, k_edit, m)
         loss = loss + cfg.lens_weight * lens_loss
         metrics.update(lens_metrics)
     metrics["loss"] = loss

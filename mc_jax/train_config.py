@@ -33,6 +33,11 @@ class TrainConfig:
     rope_damping: bool = False
     n_wc: int = 3                    # N1: WCs per sequence (the recent window + N1-1 mixtures)
     n_edits: int = 2                 # counterfactual single edits per mixture WC (LensNet)
+    # substitution WCs per sequence: the recent window with one unprotected block replaced by its
+    # LOD1 gist (exactly what eval-gists measures); their horizon NLL, plus subst_kl_weight x KL
+    # from the recent window's own predictions, trains GistNet where a gist's content matters
+    n_subst: int = 0
+    subst_kl_weight: float = 1.0
     batch_size: int = 8              # global batch (a multiple of the device count)
     steps: int = 12
     phase: str = "joint"             # gist | lens | joint
@@ -77,6 +82,12 @@ class TrainConfig:
             raise ConfigError(f"seq_len={self.seq_len} must be a multiple of the block size 32")
         if self.phase not in ("gist", "lens", "joint"):
             raise ConfigError(f"phase must be gist, lens or joint, got {self.phase!r}")
+        if self.n_subst < 0:
+            raise ConfigError(f"n_subst must be >= 0, got {self.n_subst}")
+        if self.n_subst and self.budget // 32 <= self.protect_blocks:
+            raise ConfigError("n_subst > 0 needs an unprotected LOD0 block in the recent window "
+                              f"(budget {self.budget} holds {self.budget // 32} blocks, "
+                              f"{self.protect_blocks} protected)")
         if self.n_wc < 2:
             raise ConfigError("n_wc must be >= 2 (the recent window plus at least one mixture)")
         if self.data not in ("synthetic", "corpus"):
@@ -111,6 +122,8 @@ VARIANTS = {
     "lens": dict(phase="lens"),
     "joint": dict(phase="joint"),
     "global": dict(position_mode="global", rope_damping=True),
+    # GistNet only, trained mostly on one-block substitutions of the recent window (+1 mixture)
+    "subst": dict(phase="gist", n_wc=2, n_subst=3),
 }
 
 
@@ -172,7 +185,7 @@ def load_config(spec: str, sets: list[str] | None = None) -> TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny",
                    help="preset NAME (tiny, cpu_small, gpu_poc) or FILE.py, optionally :VARIANT "
-                        "(gist, lens, joint, global for presets)")
+                        "(gist, lens, joint, global, subst for presets)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="train up to this step")

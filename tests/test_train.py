@@ -67,6 +67,27 @@ def test_gradients_reach_every_gistnet_and_lensnet_parameter_and_never_the_base(
     assert all(float(jnp.max(jnp.abs(v))) == 0 for v in jax.tree.leaves(gb))
 
 
+def test_substitution_wcs_train_gistnet_against_the_recent_window(setup):
+    """n_subst > 0: the KL term is 0 when the gist reproduces the raw block exactly (here: a
+    base that ignores its context), positive otherwise, and its gradient reaches GistNet."""
+    *_, base = setup
+    cfg = CFG.replace(phase="gist", n_wc=2, n_subst=3, subst_kl_weight=1.0)
+    base_cfg = bm.LlamaConfig.tiny()
+    m, g, l = train.build_models(cfg, base_cfg, base)
+    tokens = jnp.asarray(_batch(n=2))
+    loss, met = jax.jit(lambda g_: train.batch_loss({"gist": g_, "lens": l}, base, tokens,
+                                                    jax.random.PRNGKey(0), m))(g)
+    assert float(met["subst_kl"]) > 0 and np.isfinite(float(loss))
+    grads = jax.jit(jax.grad(lambda g_: train.batch_loss(
+        {"gist": g_, "lens": l}, base, tokens, jax.random.PRNGKey(0), m)[0]))(g)
+    assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
+    # a context-blind base (attention outputs zeroed) cannot tell gist from block: KL = 0
+    blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
+    _, met0 = jax.jit(lambda g_: train.batch_loss({"gist": g_, "lens": l}, blind, tokens,
+                                                  jax.random.PRNGKey(0), m))(g)
+    assert abs(float(met0["subst_kl"])) < 1e-5 and abs(float(met0["subst_gap"])) < 1e-5
+
+
 def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):
     m, g, l, base = setup
     assert len(jax.devices()) == 8

@@ -120,6 +120,19 @@ def test_recent_window_is_raw_and_truncates():
 
 @settings(max_examples=100 if SLOW else 20, deadline=None)
 @given(ci=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2 ** 31 - 1))
+def test_substitution_window_is_the_recent_window_with_one_unprotected_block_gisted(ci, seed):
+    cfg = CONFIGS[ci]
+    level = np.asarray(twc.substitution_window(jax.random.PRNGKey(seed), cfg))
+    recent = np.asarray(twc.recent_window(cfg))
+    check_invariants(level, cfg, full_coverage=False)
+    changed = np.flatnonzero(level != recent)
+    n_raw = min(cfg.budget // K, cfg.seq_blocks)
+    assert len(changed) == 1 and level[changed[0]] == 1
+    assert cfg.seq_blocks - n_raw <= changed[0] < cfg.seq_blocks - cfg.protect_blocks
+
+
+@settings(max_examples=100 if SLOW else 20, deadline=None)
+@given(ci=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2 ** 31 - 1))
 def test_pack_places_every_entry_at_the_right_slot(ci, seed):
     cfg = CONFIGS[ci]
     rng = np.random.default_rng(seed)
