@@ -1,6 +1,7 @@
 """Decode cost of the MegaContext runtime vs the plain base model, and its scaling with history.
 
 Usage: python benchmarks/decode_overhead.py [--model tiny|smollm2] [--budget 512] [--blocks 3]
+       [--kv-mode exact|approx]
 
 All figures come from one run, on one Session (one compile per jitted function):
 
@@ -143,6 +144,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--blocks", type=int, default=3, help="timed blocks per history length")
     ap.add_argument("--plain-tokens", type=int, default=32)
+    ap.add_argument("--kv-mode", default="exact", choices=["exact", "approx"],
+                    help="approx: global positions, cached rows of unchanged entries are moved, "
+                         "only chunks with new content are recomputed")
     args = ap.parse_args(argv)
     W = args.budget
     model, lens_cfg = load(args.model)
@@ -151,10 +155,12 @@ def main(argv=None):
                                           embed_rms=bm.embedding_rms(model.params)),
                             rngs=nnx.Rngs(0))
     lens = LensNet(lens_cfg, rngs=nnx.Rngs(1))
+    pos_mode = "global" if args.kv_mode == "approx" else "compact"
     s = dm.Session(model, W, gist, lens, policy="lens", capacity_tokens=HISTORIES[-1] + 64 * K,
-                   depth=3)
+                   depth=3, kv_mode=args.kv_mode, position_mode=pos_mode)
     say(f"model {args.model}, W={W}, tree capacity {s.cfg.capacity_tokens} tokens, depth 3, "
-        f"cache {s.cfg.cache_slots} slots, chunk {s.cfg.chunk}")
+        f"cache {s.cfg.cache_slots} slots, chunk {s.cfg.chunk}, kv_mode {args.kv_mode} "
+        f"({pos_mode} positions)")
 
     plain = plain_decode(model, W, args.plain_tokens)
     say(f"(a) plain base, cache of {W} tokens: {plain * 1e3:.2f} ms/token")
@@ -185,7 +191,8 @@ def main(argv=None):
     base = results[HISTORIES[0]]
     mc_per_token = base["sampled_block_s"] / K
     out = dict(
-        model=args.model, budget=W, plain_s_per_token=plain,
+        model=args.model, budget=W, kv_mode=args.kv_mode, position_mode=pos_mode,
+        plain_s_per_token=plain,
         megacontext_s_per_token=mc_per_token, overhead_ratio=mc_per_token / plain,
         step_time_ratio_64k_vs_8k=results[65536]["block_s"] / base["block_s"],
         step_time_ratio_1M_vs_8k=results[HISTORIES[-1]]["block_s"] / base["block_s"],

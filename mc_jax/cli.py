@@ -77,6 +77,15 @@ def _lazy(module: str):
     return importlib.import_module(module)
 
 
+def _add_runtime_args(p):
+    p.add_argument("--position-mode", default=None, choices=["compact", "global"],
+                   help="WC positions (default: the networks' training mode; global with "
+                        "--kv-mode approx)")
+    p.add_argument("--kv-mode", default="exact", choices=["exact", "approx"],
+                   help="exact: recompute the KV cache from the first changed slot; approx: "
+                        "keep the cached rows of unchanged entries (global positions)")
+
+
 def _add_eval_args(p, lens: bool):
     p.add_argument("--checkpoint", default=None,
                    help="GistNet/LensNet export (default: the shipped cpu_small networks)")
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="lens", choices=["lens", "recency"],
                    help="focus policy for --input (default lens)")
     p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
+    _add_runtime_args(p)
     _add_base(p)
     p.set_defaults(func=cmd_generate)
 
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
     p.add_argument("--json", action="store_true", help="last line: JSON summary")
+    _add_runtime_args(p)
     _add_base(p)
     p.set_defaults(func=lambda a: _lazy("mc_jax.decode").score_cli(a))
 

@@ -53,6 +53,7 @@ from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourc
 from mc_jax.sampling import sample_token
 
 POLICIES = ("lens", "recency", "truncate")
+KV_MODES = ("exact", "approx")
 INGEST_BLOCKS = 16  # blocks per ingest call (one compile; a partial call masks the rest)
 NEVER_EDITED = 2 ** 30  # LensNet since-edit input; training always passes this value
 
@@ -75,6 +76,10 @@ class DecodeConfig:
     rope_damping: bool = False
     chunk: int = 64  # C, slots per KV-recompute chunk
     focus: fm.FocusConfig = fm.FocusConfig()
+    # "exact": recompute from the first changed slot on; "approx" (global positions only): move
+    # the cached rows of unchanged entries to their new slots and recompute only the chunks that
+    # hold new content, so entries after an edit keep keys/values from their old context
+    kv_mode: str = "exact"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -83,6 +88,13 @@ class DecodeConfig:
             raise ConfigError(f"position_mode must be one of {wcm.MODES}")
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        if self.kv_mode not in KV_MODES:
+            raise ConfigError(f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        if self.kv_mode == "approx" and (self.position_mode != "global"
+                                         or self.policy == "truncate"):
+            raise ConfigError("kv_mode='approx' needs position_mode='global' (a cached row keeps "
+                              "its RoPE position only when positions do not depend on what "
+                              "precedes it) and a policy other than truncate")
         self.wcfg  # validates budget vs capacity (ConfigError with the fix)
 
     @property
@@ -294,6 +306,59 @@ def sync_cache(rt: Runtime, params, state: DecodeState):
     return state, recomputed.astype(jnp.int32), next_pos
 
 
+def sync_cache_approx(rt: Runtime, params, state: DecodeState):
+    """Approximate sync (global positions): reuse every cached row whose content key is still in
+    the WC, moved to its new slot; recompute only the C-slot chunks that contain new content (and
+    the chunk of the last slot if its logit is not the stored one). -> like `sync_cache`."""
+    bcfg, C, S = rt.base_cfg, rt.cfg.chunk, rt.cfg.cache_slots
+    x_SxD, pos_S, sigma_S, valid_S, key_S, next_pos = _materialised_inputs(rt, params, state)
+    cost = state.wc.total_cost()
+    s = jnp.arange(S, dtype=jnp.int32)
+    # cached keys are strictly increasing over [0, kv_len) (WC order is temporal order)
+    old_S = jnp.where(s < state.kv_len, state.cache_key_S, jnp.iinfo(jnp.int32).max)
+    src_S = jnp.clip(jnp.searchsorted(old_S, key_S), 0, S - 1).astype(jnp.int32)
+    hit_S = (old_S[src_S] == key_S) & (s < cost)
+    last = jnp.maximum(cost - 1, 0)
+    keep_last = hit_S[last] & (src_S[last] == state.kv_len - 1)
+    miss_S = (s < cost) & (~hit_S | ((s == last) & ~keep_last))
+    move = lambda a: jnp.take(a, src_S, axis=2)  # noqa: E731  [L, B, S, G, F]
+    cache = bm.KVCache(k=move(state.cache.k), v=move(state.cache.v),
+                       valid_BxS=(hit_S & ~miss_S)[None])
+    n_chunks = S // C
+    todo = miss_S.reshape(n_chunks, C).any(-1)
+    j_idx = jnp.arange(n_chunks)
+    next_chunk = lambda j: jnp.where(jnp.any(todo & (j_idx >= j)),  # noqa: E731
+                                     jnp.argmax(todo & (j_idx >= j)), n_chunks)
+    valid_S = valid_S & (s < cost)
+    h0 = jnp.zeros((bcfg.d_model,), params["embed"].dtype)
+
+    def body(carry):
+        j, cache, h_last = carry
+        start = j * C
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C)[None]  # noqa: E731
+        h, cache = bm.forward(params, bcfg, sl(x_SxD), sl(pos_S), valid_BxT=sl(valid_S),
+                              sigma_BxT=None if sigma_S is None else sl(sigma_S), cache=cache,
+                              cache_index=start, return_hidden=True)
+        jl = last - start
+        h_last = jnp.where((jl >= 0) & (jl < C), h[0, jnp.clip(jl, 0, C - 1)], h_last)
+        return next_chunk(j + 1), cache, h_last
+
+    _, cache, h_last = jax.lax.while_loop(lambda c: c[0] < n_chunks, body,
+                                          (next_chunk(0), cache, h0))
+    recomputed = jnp.sum(todo * jnp.clip(cost - j_idx * C, 0, C)).astype(jnp.int32)
+    logits = jnp.where(keep_last, state.last_logits_V, _head(params, bcfg, h_last))
+    state = state.replace(cache=cache, cache_key_S=jnp.where(s < cost, key_S, -1),
+                          kv_len=cost, last_logits_V=logits,
+                          total_recompute=state.total_recompute + recomputed)
+    return state, recomputed, next_pos
+
+
+def _sync(rt: Runtime, params, state: DecodeState):
+    if rt.cfg.kv_mode == "approx":
+        return sync_cache_approx(rt, params, state)
+    return sync_cache(rt, params, state)
+
+
 def _teacher_block(rt: Runtime, params, state: DecodeState, ids_K, next_pos):
     K, bcfg = rt.cfg.block_size, rt.base_cfg
     c = state.wc.total_cost()
@@ -391,7 +456,7 @@ def block_step(rt: Runtime, params, nets, state: DecodeState, ids_K, n_given, te
     teacher: one K-token forward of ids_K (n_given ignored); else K sampled tokens, the first
     n_given of which are forced to ids_K. Requires an aligned cursor (num_tokens % K == 0).
     """
-    state, recompute, next_pos = sync_cache(rt, params, state)
+    state, recompute, next_pos = _sync(rt, params, state)
     if teacher:
         cache, logits, toks, nll = _teacher_block(rt, params, state, ids_K, next_pos)
     else:
@@ -448,7 +513,7 @@ def jit_ingest(rt, params, nets, state, ids_NxK, valid_N):
 @functools.partial(jax.jit, static_argnames=("rt",), donate_argnames=("state",))
 def jit_sync(rt, params, state):
     TRACES["sync"] += 1
-    state, recompute, next_pos = sync_cache(rt, params, state)
+    state, recompute, next_pos = _sync(rt, params, state)
     return state, recompute, next_pos
 
 
@@ -516,14 +581,15 @@ class Session:
     def __init__(self, base_model, budget: int, gist_model, lens_model=None, *,
                  policy: str = "lens", capacity_tokens: int = 1 << 16, depth=None,
                  position_mode="compact", rope_damping=False, chunk: int = 64,
-                 focus: fm.FocusConfig | None = None, seed: int = 0):
+                 focus: fm.FocusConfig | None = None, seed: int = 0, kv_mode: str = "exact"):
         self.model = base_model
         depth = depth or gist_model.config.depth
         K = 32
         need = -(-int(capacity_tokens) // K)
         cap = _bucket_blocks(need)
         kw = dict(budget=int(budget), depth=depth, policy=policy, position_mode=position_mode,
-                  rope_damping=rope_damping, chunk=chunk, focus=focus or fm.FocusConfig())
+                  rope_damping=rope_damping, chunk=chunk, focus=focus or fm.FocusConfig(),
+                  kv_mode=kv_mode)
         try:
             cfg = DecodeConfig(capacity_blocks=cap, **kw)
         except ConfigError:
@@ -924,12 +990,15 @@ def _session_for_cli(args, model, n_tokens: int, log):
     if lens is None and policy == "lens":
         policy = "recency"
     tc = info.get("train_config", {})
+    kv_mode = getattr(args, "kv_mode", None) or "exact"
+    pos_mode = (getattr(args, "position_mode", None)
+                or ("global" if kv_mode == "approx" else tc.get("position_mode", "compact")))
     s = Session(model, args.budget or 1024, gist, lens, policy=policy,
-                capacity_tokens=n_tokens,
-                position_mode=tc.get("position_mode", "compact"),
-                rope_damping=bool(tc.get("rope_damping", False)))
+                capacity_tokens=n_tokens, position_mode=pos_mode,
+                rope_damping=bool(tc.get("rope_damping", False)), kv_mode=kv_mode)
     log(f"[mc-jax] policy {policy}, budget {s.cfg.budget}, depth {s.cfg.depth}, tree capacity "
-        f"{s.cfg.capacity_tokens} tokens, networks: {info.get('checkpoint') or 'mean-pool'}")
+        f"{s.cfg.capacity_tokens} tokens, positions {pos_mode}, KV {kv_mode}, networks: "
+        f"{info.get('checkpoint') or 'mean-pool'}")
     return s
 
 
@@ -1053,7 +1122,9 @@ def score_cli(args) -> int:
     res = dict(tokens=int(n), scored=int(len(nlls) * K), nll=mean, perplexity=math.exp(mean),
                policy=s.cfg.policy, budget=s.cfg.budget, blocks=int(n // K),
                actions_per_block=summ["actions_per_block"],
-               seconds_per_block=summ["seconds_per_block"], input=str(args.input))
+               seconds_per_block=summ["seconds_per_block"], input=str(args.input),
+               position_mode=s.cfg.position_mode, kv_mode=s.cfg.kv_mode,
+               kv_recompute_slots_per_block=float(s.state.total_recompute) / max(n // K, 1))
     print(f"tokens {n}  perplexity {res['perplexity']:.4f}  policy {res['policy']}  "
           f"budget {res['budget']}", file=sys.stderr)
     print(json.dumps(res))

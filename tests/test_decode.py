@@ -18,7 +18,7 @@ from mc_jax import decode as dm
 from mc_jax import focus as fm
 from mc_jax import tree as tm
 from mc_jax import working_context as wcm
-from mc_jax.errors import CapacityError, InputError, MissingResourceError
+from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
 from mc_jax.evaluate import ByteTokenizer, TinyBase
 from mc_jax.gistnet import GistNetConfig, build_gist_model
 from mc_jax.lensnet import LensNet, LensNetConfig
@@ -159,6 +159,64 @@ def test_kv_after_refocus_equals_full_recompute(which, request):
                         sigma_BxT=sigma[None, :cost])[0]
     np.testing.assert_allclose(np.asarray(st.last_logits_V), np.asarray(logits[0, -1]),
                                atol=1e-3)
+
+
+def _global_sessions(model, kv_mode):
+    gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
+    return dm.Session(model, W, gist, None, policy="recency", capacity_tokens=4096, chunk=32,
+                      position_mode="global", rope_damping=True, kv_mode=kv_mode)
+
+
+def test_approx_kv_mode(model, global_session):
+    """kv_mode='approx': identical to exact while the WC only grows; after refocus edits it moves
+    the cached rows of unchanged entries (bit for bit) and recomputes only chunks with new
+    content, fewer slots than exact prefix reuse; nothing recompiles."""
+    with pytest.raises(ConfigError, match="global"):
+        dm.DecodeConfig(budget=W, capacity_blocks=128, kv_mode="approx")
+    approx = _global_sessions(model, "approx")
+    exact = global_session
+    ids = _ids(60 * K, seed=3)
+    for s in (approx, exact):
+        s.reset()
+    growing = W // K - 1  # blocks before the first refocus edit
+    rec = {"approx": [], "exact": []}
+    nll = {"approx": [], "exact": []}
+    for b in range(30):
+        for name, s in (("approx", approx), ("exact", exact)):
+            info = s.step(ids[b * K:(b + 1) * K])
+            rec[name].append(int(info.recompute))
+            nll[name].append(np.asarray(info.nll_K))
+        if b == 5:
+            traces = dict(dm.TRACES)
+    np.testing.assert_allclose(np.stack(nll["approx"][:growing]),
+                               np.stack(nll["exact"][:growing]), atol=1e-4)
+    assert rec["approx"][:growing] == rec["exact"][:growing]
+    assert sum(rec["approx"][growing:]) < sum(rec["exact"][growing:])
+    assert dm.TRACES == traces
+    # one more step without syncing, then check the sync by hand
+    approx.step(ids[30 * K:31 * K])
+    st0 = jax.device_get(approx.state)
+    approx.sync()
+    st = approx.state
+    S, C = approx.cfg.cache_slots, approx.cfg.chunk
+    cost = int(st.wc.total_cost())
+    old_keys = list(np.asarray(st0.cache_key_S)[:int(st0.kv_len)])
+    new_keys = np.asarray(st.cache_key_S)
+    moved = 0
+    fresh_chunks = set()
+    for s_ in range(cost):
+        if int(new_keys[s_]) not in old_keys:
+            fresh_chunks.add(s_ // C)
+    assert fresh_chunks, "the refocus changed nothing"
+    for s_ in range(cost):
+        if s_ // C in fresh_chunks or int(new_keys[s_]) not in old_keys:
+            continue
+        o = old_keys.index(int(new_keys[s_]))
+        np.testing.assert_array_equal(np.asarray(st.cache.k[:, :, s_]), st0.cache.k[:, :, o])
+        np.testing.assert_array_equal(np.asarray(st.cache.v[:, :, s_]), st0.cache.v[:, :, o])
+        moved += 1
+    assert moved > 0
+    np.testing.assert_array_equal(np.asarray(st.cache.valid_BxS[0]), np.arange(S) < cost)
 
 
 def test_no_recompile_over_100_steps(session):
