@@ -159,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=lambda a: _lazy("mc_jax.train").train_cli(a))
 
+    p = sub.add_parser("fit-lens", help="fit LensNet offline on measured single-edit "
+                                        "utilities (GistNet from --checkpoint, unchanged)")
+    p.add_argument("--checkpoint", default=None,
+                   help="GistNet/LensNet export whose GistNet is kept (default: shipped)")
+    p.add_argument("--workdir", default="runs/lens_fit", help="label shards and fit metrics")
+    p.add_argument("--windows", type=int, default=64, help="training windows to measure")
+    p.add_argument("--shard", type=int, default=8, help="windows per label shard (resume unit)")
+    p.add_argument("--mixtures", type=int, default=3, help="mixture WCs per window")
+    p.add_argument("--edits", type=int, default=8, help="single edits measured per mixture")
+    p.add_argument("--steps", type=int, default=1500, help="LensNet fitting steps")
+    p.add_argument("--batch", type=int, default=8, help="windows per fitting step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--val-frac", type=float, default=0.1, help="windows held out for Spearman")
+    p.add_argument("--seed", type=int, default=0, help="window, edit and init seed")
+    p.add_argument("--data-dir", default=None, help="prepared corpus (default $MC_JAX_DATA)")
+    p.add_argument("--export", default=None, help="write GistNet + fitted LensNet here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_base(p)
+    p.set_defaults(func=lambda a: _lazy("mc_jax.lens_fit").fit_lens_cli(a))
+
     p = sub.add_parser("eval-gists", help="delta-NLL@H of gist substitution per level "
                                           "(GistNet vs mean-pool vs untrained vs dropping)")
     _add_eval_args(p, lens=False)

@@ -181,10 +181,13 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     mix_keys = jax.random.split(k_mix, cfg.n_wc - 1)
     rows = [twc.recent_window(pc)[None], jax.vmap(lambda k: twc.sample_mixture(k, pc))(mix_keys)]
     if cfg.n_subst:
-        rows.append(jax.vmap(lambda k: twc.substitution_window(k, pc))(
-            jax.random.split(k_sub, cfg.n_subst)))
+        subst = jax.vmap(lambda k: twc.substitution_window(k, pc))(
+            jax.random.split(k_sub, cfg.n_subst))
+        # the same windows with the block dropped instead (level -1: absent): the paired
+        # reference a gist has to beat (telemetry; no gradient reaches it)
+        rows += [subst, jnp.where(subst == 1, twc.NOT_COVERED, subst)]
     levels = jnp.concatenate(rows)
-    n_rows = cfg.n_wc + cfg.n_subst
+    n_rows = cfg.n_wc + 2 * cfg.n_subst
     pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
     x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
     tgt = jnp.broadcast_to(targets, (n_rows, H))
@@ -192,7 +195,9 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
         nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True)
     else:
         nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt)
-    nll_recent, nll_mix, nll_sub = nll_wc[0], nll_wc[1:cfg.n_wc], nll_wc[cfg.n_wc:]
+    S = cfg.n_subst
+    nll_recent, nll_mix = nll_wc[0], nll_wc[1:cfg.n_wc]
+    nll_sub, nll_drop = nll_wc[cfg.n_wc:cfg.n_wc + S], nll_wc[cfg.n_wc + S:]
 
     g1 = gists[0][:N]
     g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
@@ -210,10 +215,13 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     if cfg.n_subst:
         # teacher: the recent window's own distribution (stop-gradient; same forward batch)
         r_logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits[0]), -1)
-        s_logp = jax.nn.log_softmax(logits[cfg.n_wc:], -1)
-        subst_kl = jnp.sum(jnp.exp(r_logp) * (r_logp - s_logp), -1).mean()
+        kl_rows = lambda lg: jnp.sum(  # noqa: E731
+            jnp.exp(r_logp) * (r_logp - jax.nn.log_softmax(lg, -1)), -1).mean()
+        subst_kl = kl_rows(logits[cfg.n_wc:cfg.n_wc + S])
+        drop_kl = kl_rows(jax.lax.stop_gradient(logits[cfg.n_wc + S:]))
         metrics.update(nll_subst=nll_sub.mean(), subst_gap=nll_sub.mean() - nll_recent,
-                       subst_kl=subst_kl)
+                       subst_kl=subst_kl, subst_minus_drop=nll_sub.mean() - nll_drop.mean(),
+                       subst_kl_minus_drop=subst_kl - drop_kl)
     if cfg.phase in ("gist", "joint"):
         gist_loss = nll_mix.mean() + cfg.contrastive_weight * contrastive
         if cfg.n_subst:
@@ -288,10 +296,19 @@ def utility_targets(nll_M, nll_MxE, kinds_MxE, cfg: TrainConfig):
 
 def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, targets, key,
                m: Models):
-    cfg, pc = m.cfg, m.pack
     nll_M = jax.lax.stop_gradient(nll_M)
     blocks, kinds, evalid, nll_e = measure_edits(base_params, levels_MxN, gists, emb, hor_emb,
                                                  targets, key, m)
+    return lens_loss_measured(lens_state, levels_MxN, nll_M, nll_e, blocks, kinds, evalid, gists,
+                              m)
+
+
+def lens_loss_measured(lens_state, levels_MxN, nll_M, nll_MxE, blocks, kinds, evalid, gists,
+                       m: Models):
+    """LensNet loss and metrics from already measured single-edit NLLs (online: `_lens_loss`;
+    offline, from a cached label set: `mc_jax.lens_fit`)."""
+    cfg, pc = m.cfg, m.pack
+    nll_e = nll_MxE
     d, t = utility_targets(nll_M, nll_e, kinds, cfg)
     out, f = lens_scores(lens_state, levels_MxN, gists, m)
     u_e = edit_scores(out.u, f["mask"], levels_MxN, blocks, kinds, pc)

@@ -86,6 +86,7 @@ def test_substitution_wcs_train_gistnet_against_the_recent_window(setup):
     _, met0 = jax.jit(lambda g_: train.batch_loss({"gist": g_, "lens": l}, blind, tokens,
                                                   jax.random.PRNGKey(0), m))(g)
     assert abs(float(met0["subst_kl"])) < 1e-5 and abs(float(met0["subst_gap"])) < 1e-5
+    assert abs(float(met0["subst_minus_drop"])) < 1e-5
 
 
 def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):

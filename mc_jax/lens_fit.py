@@ -1,0 +1,235 @@
+"""`mc-jax fit-lens`: LensNet fitted offline on cached single-edit utilities (GistNet frozen).
+
+Why a second way to train LensNet: a utility label costs one forward of the frozen base over
+[WC || H] with one edit applied, while fitting LensNet on it costs microseconds. The joint train
+step (`mc-jax train`, phase lens/joint) sees each label once (cpu_small: 4 labels per ~16 s step,
+600 labels in a 150-step run). Here the labels are measured once, in resumable shards, and LensNet
+is fitted for many epochs with the train step's own loss (`train.lens_loss_measured`: regression,
+ranking, regularised argmin, budget, legality, delta-NLL head). GistNet is not changed.
+
+    mc-jax fit-lens [--checkpoint DIR] --workdir runs/lens_fit --windows 64 --export OUT
+
+1. collect: training-split windows of C + H tokens (a fresh iterator per shard, seeded by the shard
+   index, so a killed run resumes at the first missing shard and draws the same windows); per
+   window M legal mixtures (`training_wc.sample_mixture`) and E legal single edits each
+   (`training_wc.sample_edits`), all measured with the frozen base (`train.measure_edits`). A shard
+   is an .npz written to a temp name and renamed.
+2. fit: AdamW (warmup + cosine) over minibatches of windows; the last `--val-frac` of the windows
+   are held out and their Spearman(u, d) is logged (metrics.jsonl).
+3. export: GistNet from --checkpoint unchanged + the fitted LensNet (`train.export_networks`), with
+   the label-set and fit figures in the metadata.
+
+Letters: M mixtures per window, E edits per mixture, N blocks, D d_model, B windows per batch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mc_jax import base_model as bm
+from mc_jax import train
+from mc_jax import training_wc as twc
+from mc_jax.errors import McJaxError
+from mc_jax.gistnet import gist_fn_from_state
+from mc_jax.lensnet import LensNet
+
+
+def _models(model, checkpoint, n_mix: int, n_edits: int):
+    from mc_jax.train_config import TrainConfig
+
+    gist, _, info = train.load_networks(checkpoint, model.cfg)
+    tcfg = TrainConfig(**info["train_config"]).replace(n_wc=n_mix + 1, n_edits=n_edits,
+                                                       base="default")
+    m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
+    gist_graph, gist_state = nnx.split(gist)
+    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph})
+    return m, gist_state, info
+
+
+def _measure_fn(model, m: train.Models, gist_state):
+    pc, M = m.pack, m.cfg.n_wc - 1
+
+    @jax.jit
+    def one(tokens, key):
+        C, K, N, H = pc.seq_len, pc.block_size, pc.seq_blocks, pc.horizon
+        ids, targets = tokens[:C], tokens[C:C + H]
+        emb = bm.embed_tokens(model.params, ids).reshape(N, K, -1).astype(jnp.float32)
+        hor_emb = bm.embed_tokens(model.params, targets).astype(jnp.float32)
+        gists = train.build_gists(gist_fn_from_state(m.gist_graph, gist_state), emb, pc.depth)
+        k1, k2 = jax.random.split(key)
+        levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, M))
+        x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb, gists, hor_emb, pc))(levels)
+        nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
+                                jnp.broadcast_to(targets, (M, H)))
+        blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
+                                                           hor_emb, targets, k2, m)
+        out = dict(levels=levels, nll=nll, blocks=blocks, kinds=kinds, evalid=evalid,
+                   nll_e=nll_e)
+        out.update({f"gist{lv + 1}": g for lv, g in enumerate(gists)})
+        return out
+
+    return one
+
+
+def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int = 8,
+            seed: int = 0, data_dir=None, progress: bool = True, log=print) -> list[Path]:
+    """Measure labels for n_windows training windows into workdir/labels_XXXX.npz (resumable)."""
+    from tqdm import tqdm
+
+    from mc_jax import data
+
+    pc = m.pack
+    one = _measure_fn(model, m, gist_state)
+    src = data.open_split("train", model.tokenizer, data_dir=data_dir)
+    n_shards = -(-n_windows // shard)
+    paths = [workdir / f"labels_{j:04d}.npz" for j in range(n_shards)]
+    todo = [j for j, p in enumerate(paths) if not p.exists()]
+    if len(todo) < n_shards:
+        log(f"[fit-lens] {n_shards - len(todo)} of {n_shards} label shards already measured")
+    bar = tqdm(total=len(todo) * shard, desc="measure edits", unit="win", disable=not progress,
+               file=sys.stderr)
+    for j in todo:
+        it = data.make_batch_iterator(src, data.WindowConfig(pc.seq_len + pc.horizon, 1,
+                                                             seed=seed * 100_003 + j))
+        rows = []
+        for i in range(shard):
+            toks = jnp.asarray(np.asarray(next(it)["tokens"])[0])
+            rows.append(jax.device_get(one(toks, jax.random.PRNGKey(seed * 100_003 + j * 997 + i))))
+            bar.update(1)
+        arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        tmp = paths[j].with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(paths[j])
+    bar.close()
+    return paths
+
+
+def load_labels(paths) -> dict:
+    parts = []
+    for p in paths:
+        try:
+            with np.load(p) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception as e:  # a damaged shard: say which one to delete
+            raise McJaxError(f"label shard {p} cannot be read ({e}); delete it and rerun to "
+                             "measure it again") from e
+    return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
+
+
+def _window_outputs(lens_state, w, m):
+    gists = tuple(w[f"gist{lv}"] for lv in range(1, m.pack.depth + 1))
+    return train.lens_loss_measured(lens_state, w["levels"], w["nll"], w["nll_e"], w["blocks"],
+                                    w["kinds"], w["evalid"], gists, m)
+
+
+def edit_scores_of(lens_state, w, m):
+    """(u of each edit's entry [M, E], d [M, E]) for one window of labels."""
+    gists = tuple(w[f"gist{lv}"] for lv in range(1, m.pack.depth + 1))
+    out, f = train.lens_scores(lens_state, w["levels"], gists, m)
+    u_e = train.edit_scores(out.u, f["mask"], w["levels"], w["blocks"], w["kinds"], m.pack)
+    d, _ = train.utility_targets(w["nll"], w["nll_e"], w["kinds"], m.cfg)
+    return u_e, d
+
+
+def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, seed: int,
+        workdir: Path, progress: bool = True, log=print):
+    """Fit a fresh LensNet on the labels. -> (lens_state, summary)."""
+    from tqdm import tqdm
+
+    from mc_jax.eval_networks import spearman
+
+    n = len(labels["nll"])
+    n_val = max(1, int(round(n * val_frac))) if n > 1 else 0
+    train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+    lens_graph, lens_state = nnx.split(LensNet(m.lens_cfg, rngs=nnx.Rngs(seed + 1)))
+    m = train.Models(**{**m.__dict__, "lens_graph": lens_graph})
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2),
+                                               end_value=lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+    opt = tx.init(lens_state)
+    dev = {k: jnp.asarray(v) for k, v in labels.items()}
+
+    def batch_loss(ls, idx):
+        w = jax.tree.map(lambda a: a[idx], dev)
+        losses, mets = jax.vmap(lambda wi: _window_outputs(ls, wi, m))(w)
+        return losses.mean(), jax.tree.map(jnp.mean, mets)
+
+    @jax.jit
+    def step(ls, opt, idx):
+        (loss, mets), g = jax.value_and_grad(batch_loss, has_aux=True)(ls, idx)
+        upd, opt = tx.update(g, opt, ls)
+        return optax.apply_updates(ls, upd), opt, loss, mets
+
+    @jax.jit
+    def scores(ls, idx):
+        w = jax.tree.map(lambda a: a[idx], dev)
+        return jax.vmap(lambda wi: edit_scores_of(ls, wi, m))(w)
+
+    def val_spearman(ls):
+        if not n_val:
+            return float("nan")
+        u, d = map(np.asarray, scores(ls, jnp.asarray(val_idx)))
+        v = np.asarray(labels["evalid"])[val_idx]
+        return spearman(u[v], d[v])
+
+    rng = np.random.default_rng(seed)
+    out = open(workdir / "fit_metrics.jsonl", "w")
+    first = last = None
+    bar = tqdm(range(steps), desc="fit LensNet", disable=not progress, file=sys.stderr)
+    t0 = time.perf_counter()
+    for i in bar:
+        idx = jnp.asarray(rng.choice(train_idx, size=min(batch, len(train_idx)), replace=False))
+        lens_state, opt, loss, mets = step(lens_state, opt, idx)
+        if i % 50 == 0 or i == steps - 1:
+            row = {k: float(v) for k, v in jax.device_get(mets).items()}
+            row.update(step=i + 1, loss=float(loss), val_spearman=val_spearman(lens_state))
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            first = row if first is None else first
+            last = row
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val_rho=f"{row['val_spearman']:+.3f}")
+    out.close()
+    summary = dict(windows=int(n), val_windows=int(n_val),
+                   labels=int(np.asarray(labels["evalid"]).sum()), fit_steps=steps,
+                   first_loss=first["loss"], last_loss=last["loss"],
+                   val_spearman_first=first["val_spearman"],
+                   val_spearman_last=last["val_spearman"], fit_seconds=time.perf_counter() - t0)
+    return m, lens_state, summary
+
+
+def fit_lens_cli(args) -> int:
+    from mc_jax.eval_networks import default_checkpoint
+    from mc_jax.loading import load_base
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.checkpoint or default_checkpoint())
+    model = load_base(args.base)
+    m, gist_state, info = _models(model, ckpt, args.mixtures, args.edits)
+    paths = collect(model, m, gist_state, workdir, args.windows, shard=args.shard,
+                    seed=args.seed, data_dir=args.data_dir, progress=not args.no_progress,
+                    log=log)
+    labels = load_labels(paths)
+    m, lens_state, summary = fit(m, labels, steps=args.steps, batch=args.batch, lr=args.lr,
+                                 val_frac=args.val_frac, seed=args.seed, workdir=workdir,
+                                 progress=not args.no_progress, log=log)
+    summary.update(checkpoint=str(ckpt), workdir=str(workdir))
+    if args.export:
+        meta = {k: v for k, v in info.items()
+                if k not in ("train_config", "gist_config", "lens_config", "dtype")}
+        meta["lens_fit"] = dict(summary, mixtures=args.mixtures, edits=args.edits,
+                                seed=args.seed, command=" ".join(sys.argv))
+        train.export_networks(Path(args.export), m, train.TrainState(
+            step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
+        summary["exported"] = str(args.export)
+    print(json.dumps(summary))
+    return 0
