@@ -234,7 +234,12 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
             kinds_all += list(kd[j][mask])
             per_wc.append(spearman(u[j][mask], d[j][mask]))
     us, ds, kinds_all = np.array(us), np.array(ds), np.array(kinds_all)
-    res = {"spearman": spearman(us, ds), "spearman_mean_per_wc": float(np.nanmean(per_wc)),
+    rng = np.random.default_rng(seed)  # bootstrap over edits: how sure is the pooled figure?
+    boot = [spearman(us[i], ds[i]) for i in
+            (rng.integers(0, len(us), len(us)) for _ in range(1000))]
+    res = {"spearman": spearman(us, ds),
+           "spearman_ci95": [float(np.nanpercentile(boot, 2.5)),
+                             float(np.nanpercentile(boot, 97.5))], "spearman_mean_per_wc": float(np.nanmean(per_wc)),
            "n_edits_evaluated": int(len(us)), "n_wc": len(per_wc),
            "spearman_expand": spearman(us[kinds_all == 0], ds[kinds_all == 0]),
            "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
@@ -268,7 +273,9 @@ def eval_gists_cli(args) -> int:
 def eval_lens_cli(args) -> int:
     res = eval_lens(args.checkpoint, base=args.base, n_docs=args.docs, n_edits=args.edits,
                     seed=args.seed, data_dir=args.data_dir)
-    print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} over "
+    lo, hi = res["spearman_ci95"]
+    print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} "
+          f"[bootstrap 95% {lo:+.3f}, {hi:+.3f}] over "
           f"{res['n_edits_evaluated']} edits (mean per WC {res['spearman_mean_per_wc']:+.3f}; "
           f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
     if args.json:

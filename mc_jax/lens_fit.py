@@ -54,6 +54,19 @@ def _models(model, checkpoint, n_mix: int, n_edits: int):
     return m, gist_state, info
 
 
+def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
+    """GistNet unchanged + the fitted LensNet; the metadata keeps the GistNet run's own
+    train_config (its training is what it describes) and adds `lens_fit`."""
+    from mc_jax.train_config import TrainConfig
+
+    meta = {k: v for k, v in info.items()
+            if k not in ("train_config", "gist_config", "lens_config", "dtype")}
+    meta["lens_fit"] = fit_meta
+    m_orig = train.Models(**{**m.__dict__, "cfg": TrainConfig(**info["train_config"])})
+    train.export_networks(path, m_orig, train.TrainState(
+        step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
+
+
 def _measure_fn(model, m: train.Models, gist_state):
     pc, M = m.pack, m.cfg.n_wc - 1
 
@@ -224,12 +237,9 @@ def fit_lens_cli(args) -> int:
                                  progress=not args.no_progress, log=log)
     summary.update(checkpoint=str(ckpt), workdir=str(workdir))
     if args.export:
-        meta = {k: v for k, v in info.items()
-                if k not in ("train_config", "gist_config", "lens_config", "dtype")}
-        meta["lens_fit"] = dict(summary, mixtures=args.mixtures, edits=args.edits,
-                                seed=args.seed, command=" ".join(sys.argv))
-        train.export_networks(Path(args.export), m, train.TrainState(
-            step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
+        _export(Path(args.export), m, gist_state, lens_state, info,
+                dict(summary, mixtures=args.mixtures, edits=args.edits, seed=args.seed,
+                     command="mc-jax " + " ".join(sys.argv[1:])))
         summary["exported"] = str(args.export)
     print(json.dumps(summary))
     return 0
