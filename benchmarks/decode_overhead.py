@@ -72,12 +72,18 @@ def live_bytes() -> int:
     return int(sum(a.nbytes for a in jax.live_arrays()))
 
 
+def _prefilled(model, slots: int, n: int):
+    """(logits, cache): a cache of `slots` slots prefilled with n random tokens."""
+    cfg, params = model.cfg, model.params
+    cache = bm.init_cache(cfg, 1, slots, params["embed"].dtype)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, n)), jnp.int32)
+    return sampling.prefill(params, cfg, cache, ids, jnp.ones((1, n), bool))
+
+
 def plain_decode(model, W: int, n_tokens: int) -> float:
     """Seconds per token: base model, cache of W slots holding W tokens."""
     cfg, params = model.cfg, model.params
-    cache = bm.init_cache(cfg, 1, W + n_tokens + 2, params["embed"].dtype)
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, W)), jnp.int32)
-    logits, cache = sampling.prefill(params, cfg, cache, ids, jnp.ones((1, W), bool))
+    logits, cache = _prefilled(model, W + n_tokens + 2, W)
     tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     key = jax.random.PRNGKey(0)
     tok, cache = sampling.decode_step(params, cfg, cache, tok, jnp.int32(W), key,
@@ -92,15 +98,13 @@ def plain_decode(model, W: int, n_tokens: int) -> float:
 
 
 def plain_block(model, W: int):
-    """Seconds per token: base model, a cache of W slots holding W - K tokens, K tokens decoded in
-    one jitted `lax.fori_loop` (the same loop, sampler and cache size as the MegaContext step's
-    sampled block, whose WC costs <= W - K before the block, so the two differ only by what
-    MegaContext adds)."""
+    """-> once(): seconds per token of the base model decoding K tokens in one jitted
+    `lax.fori_loop` on a cache of W slots holding W - K tokens (the same loop, sampler and cache
+    size as the MegaContext step's sampled block, whose WC costs <= W - K before the block, so
+    the two differ only by what MegaContext adds). Compiled before returning."""
     cfg, params = model.cfg, model.params
-    cache = bm.init_cache(cfg, 1, W, params["embed"].dtype)
     n = W - K
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, n)), jnp.int32)
-    logits, cache = sampling.prefill(params, cfg, cache, ids, jnp.ones((1, n), bool))
+    logits, cache = _prefilled(model, W, n)
 
     @jax.jit
     def block(params, cache, logits_V, key, temperature, top_p):
@@ -134,15 +138,9 @@ def fill(session: dm.Session, n_tokens: int, seed: int):
     rng = np.random.RandomState(seed)
 
     @jax.jit
-    def add(tree, ids_NxK):
+    def add(tree, ids_NxK):  # compiles once for N = 1024 and once for N = 1
         gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
         return tm.append_blocks(tree, ids_NxK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
-                                gist_fn)
-
-    @jax.jit
-    def add1(tree, ids_1xK):
-        gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
-        return tm.append_blocks(tree, ids_1xK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
                                 gist_fn)
 
     session.reset()
@@ -155,7 +153,7 @@ def fill(session: dm.Session, n_tokens: int, seed: int):
             tree = add(tree, ids)
         else:
             for j in range(n):
-                tree = add1(tree, ids[j:j + 1])
+                tree = add(tree, ids[j:j + 1])
         done += n
     tm.check_tree(tree, rt.tcfg)
     wc = wcm.build_recency(n_blocks * K, rt.cfg.wcfg, budget=rt.cfg.budget - K)

@@ -263,6 +263,21 @@ def _materialised_inputs(rt: Runtime, params, state: DecodeState):
     return x, pos, sigma, valid, slot_keys(state.wc, wcfg, S), next_pos
 
 
+def _forward_chunk(rt: Runtime, params, x_SxD, pos_S, valid_S, sigma_S, cache, start, last,
+                   h_last):
+    """Recompute the C cache slots [start, start + C) from the materialised inputs (attending to
+    the valid cached slots before them); h_last takes the hidden state of slot `last` if the
+    chunk holds it. -> (cache, h_last)."""
+    C = rt.cfg.chunk
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C)[None]  # noqa: E731
+    h, cache = bm.forward(params, rt.base_cfg, sl(x_SxD), sl(pos_S), valid_BxT=sl(valid_S),
+                          sigma_BxT=None if sigma_S is None else sl(sigma_S), cache=cache,
+                          cache_index=start, return_hidden=True)
+    j = last - start
+    h_last = jnp.where((j >= 0) & (j < C), h[0, jnp.clip(j, 0, C - 1)], h_last)
+    return cache, h_last
+
+
 def sync_cache(rt: Runtime, params, state: DecodeState):
     """Recompute the KV cache from the first slot whose content changed. -> (state, slots
     recomputed, next position)."""
@@ -286,15 +301,8 @@ def sync_cache(rt: Runtime, params, state: DecodeState):
 
     def body(carry):
         start, cache, h_last = carry
-        x = jax.lax.dynamic_slice_in_dim(x_pad, start, C)[None]
-        pos = jax.lax.dynamic_slice_in_dim(pos_pad, start, C)[None]
-        val = jax.lax.dynamic_slice_in_dim(valid_pad, start, C)[None]
-        sig = None if sig_pad is None else jax.lax.dynamic_slice_in_dim(sig_pad, start, C)[None]
-        h, cache = bm.forward(params, bcfg, x, pos, valid_BxT=val, sigma_BxT=sig, cache=cache,
-                              cache_index=start, return_hidden=True)
-        j = cost - 1 - start
-        hit = (j >= 0) & (j < C)
-        h_last = jnp.where(hit, h[0, jnp.clip(j, 0, C - 1)], h_last)
+        cache, h_last = _forward_chunk(rt, params, x_pad, pos_pad, valid_pad, sig_pad, cache,
+                                       start, cost - 1, h_last)
         return start + C, cache, h_last
 
     _, cache, h_last = jax.lax.while_loop(cond, body, (start0, cache, h0))
@@ -334,13 +342,8 @@ def sync_cache_approx(rt: Runtime, params, state: DecodeState):
 
     def body(carry):
         j, cache, h_last = carry
-        start = j * C
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C)[None]  # noqa: E731
-        h, cache = bm.forward(params, bcfg, sl(x_SxD), sl(pos_S), valid_BxT=sl(valid_S),
-                              sigma_BxT=None if sigma_S is None else sl(sigma_S), cache=cache,
-                              cache_index=start, return_hidden=True)
-        jl = last - start
-        h_last = jnp.where((jl >= 0) & (jl < C), h[0, jnp.clip(jl, 0, C - 1)], h_last)
+        cache, h_last = _forward_chunk(rt, params, x_SxD, pos_S, valid_S, sigma_S, cache, j * C,
+                                       last, h_last)
         return next_chunk(j + 1), cache, h_last
 
     _, cache, h_last = jax.lax.while_loop(lambda c: c[0] < n_chunks, body,

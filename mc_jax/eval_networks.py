@@ -187,46 +187,22 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
               seed: int = 0, data_dir=None, progress=True) -> dict:
     from tqdm import tqdm
 
-    from mc_jax import train
+    from mc_jax import lens_fit
     from mc_jax.loading import load_base
-    from mc_jax.train_config import TrainConfig
 
     model = load_base(base)
-    gist, lens, info = train.load_networks(checkpoint or default_checkpoint(), model.cfg)
-    tcfg = TrainConfig(**info["train_config"]).replace(n_edits=n_edits, n_wc=n_wc + 1,
-                                                       base="default")
-    m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
-    pc = m.pack
-    gist_graph, gist_state = nnx.split(gist)
-    lens_graph, lens_state = nnx.split(lens)
-    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph, "lens_graph": lens_graph})
-
-    @jax.jit
-    def one(tokens, key):
-        C, K, N = pc.seq_len, pc.block_size, pc.seq_blocks
-        ids, targets = tokens[:C], tokens[C:C + pc.horizon]
-        emb = bm.embed_tokens(model.params, ids).reshape(N, K, -1).astype(jnp.float32)
-        hor_emb = bm.embed_tokens(model.params, targets).astype(jnp.float32)
-        from mc_jax.gistnet import gist_fn_from_state
-        gists = train.build_gists(gist_fn_from_state(gist_graph, gist_state), emb, pc.depth)
-        k1, k2 = jax.random.split(key)
-        levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, n_wc))
-        x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb, gists, hor_emb, pc))(levels)
-        nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
-                                jnp.broadcast_to(targets, (n_wc, pc.horizon)))
-        blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
-                                                           hor_emb, targets, k2, m)
-        d, _ = train.utility_targets(nll, nll_e, kinds, tcfg)
-        out, f = train.lens_scores(lens_state, levels, gists, m)
-        u_e = train.edit_scores(out.u, f["mask"], levels, blocks, kinds, pc)
-        return u_e, d, evalid, kinds
-
-    windows = _validation_windows(model.tokenizer, pc.seq_len + pc.horizon, n_docs, seed,
+    m, gist_state, lens_state, info = lens_fit.load_models(
+        model, checkpoint or default_checkpoint(), n_wc, n_edits)
+    measure = lens_fit.measure_fn(model, m, gist_state)
+    scores = jax.jit(lambda ls, lab: lens_fit.edit_scores_of(ls, lab, m))
+    windows = _validation_windows(model.tokenizer, m.pack.seq_len + m.pack.horizon, n_docs, seed,
                                   data_dir)
     us, ds, kinds_all, per_wc = [], [], [], []
     for i, w in enumerate(tqdm(windows, desc="eval-lens", disable=not progress,
                                file=sys.stderr)):
-        u, d, v, kd = map(np.asarray, one(jnp.asarray(w), jax.random.PRNGKey(seed * 1000 + i)))
+        lab = measure(jnp.asarray(w), jax.random.PRNGKey(seed * 1000 + i))
+        u, d = map(np.asarray, scores(lens_state, lab))
+        v, kd = np.asarray(lab["evalid"]), np.asarray(lab["kinds"])
         for j in range(u.shape[0]):
             mask = v[j]
             us += list(u[j][mask])

@@ -42,16 +42,19 @@ from mc_jax.gistnet import gist_fn_from_state
 from mc_jax.lensnet import LensNet
 
 
-def _models(model, checkpoint, n_mix: int, n_edits: int):
+def load_models(model, checkpoint, n_mix: int, n_edits: int):
+    """(Models for n_mix mixtures x n_edits edits per window, GistNet state, LensNet state, info)
+    from an exported checkpoint (also used by `eval_networks.eval_lens`)."""
     from mc_jax.train_config import TrainConfig
 
-    gist, _, info = train.load_networks(checkpoint, model.cfg)
+    gist, lens, info = train.load_networks(checkpoint, model.cfg)
     tcfg = TrainConfig(**info["train_config"]).replace(n_wc=n_mix + 1, n_edits=n_edits,
                                                        base="default")
     m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
     gist_graph, gist_state = nnx.split(gist)
-    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph})
-    return m, gist_state, info
+    lens_graph, lens_state = nnx.split(lens)
+    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph, "lens_graph": lens_graph})
+    return m, gist_state, lens_state, info
 
 
 def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
@@ -67,7 +70,9 @@ def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
         step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
 
 
-def _measure_fn(model, m: train.Models, gist_state):
+def measure_fn(model, m: train.Models, gist_state):
+    """Jitted (tokens [C + H], key) -> one window's labels: M mixtures, their horizon NLL, E
+    measured single edits each, and the gists (also used by `eval_networks.eval_lens`)."""
     pc, M = m.pack, m.cfg.n_wc - 1
 
     @jax.jit
@@ -100,7 +105,7 @@ def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int =
     from mc_jax import data
 
     pc = m.pack
-    one = _measure_fn(model, m, gist_state)
+    one = measure_fn(model, m, gist_state)
     src = data.open_split("train", model.tokenizer, data_dir=data_dir)
     n_shards = -(-n_windows // shard)
     paths = [workdir / f"labels_{j:04d}.npz" for j in range(n_shards)]
@@ -137,24 +142,26 @@ def load_labels(paths) -> dict:
     return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
 
 
+def _gists(w, m) -> tuple:
+    return tuple(w[f"gist{lv}"] for lv in range(1, m.pack.depth + 1))
+
+
 def _window_outputs(lens_state, w, m):
-    gists = tuple(w[f"gist{lv}"] for lv in range(1, m.pack.depth + 1))
     return train.lens_loss_measured(lens_state, w["levels"], w["nll"], w["nll_e"], w["blocks"],
-                                    w["kinds"], w["evalid"], gists, m)
+                                    w["kinds"], w["evalid"], _gists(w, m), m)
 
 
 def edit_scores_of(lens_state, w, m):
     """(u of each edit's entry [M, E], d [M, E]) for one window of labels."""
-    gists = tuple(w[f"gist{lv}"] for lv in range(1, m.pack.depth + 1))
-    out, f = train.lens_scores(lens_state, w["levels"], gists, m)
+    out, f = train.lens_scores(lens_state, w["levels"], _gists(w, m), m)
     u_e = train.edit_scores(out.u, f["mask"], w["levels"], w["blocks"], w["kinds"], m.pack)
     d, _ = train.utility_targets(w["nll"], w["nll_e"], w["kinds"], m.cfg)
     return u_e, d
 
 
 def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, seed: int,
-        workdir: Path, progress: bool = True, log=print):
-    """Fit a fresh LensNet on the labels. -> (lens_state, summary)."""
+        workdir: Path, progress: bool = True):
+    """Fit a fresh LensNet on the labels. -> (Models with its graph, lens_state, summary)."""
     from tqdm import tqdm
 
     from mc_jax.eval_networks import spearman
@@ -170,26 +177,26 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
     opt = tx.init(lens_state)
     dev = {k: jnp.asarray(v) for k, v in labels.items()}
 
-    def batch_loss(ls, idx):
+    def batch_loss(ls, dev, idx):
         w = jax.tree.map(lambda a: a[idx], dev)
         losses, mets = jax.vmap(lambda wi: _window_outputs(ls, wi, m))(w)
         return losses.mean(), jax.tree.map(jnp.mean, mets)
 
     @jax.jit
-    def step(ls, opt, idx):
-        (loss, mets), g = jax.value_and_grad(batch_loss, has_aux=True)(ls, idx)
+    def step(ls, opt, dev, idx):  # the labels are an argument, not a baked-in constant
+        (loss, mets), g = jax.value_and_grad(batch_loss, has_aux=True)(ls, dev, idx)
         upd, opt = tx.update(g, opt, ls)
         return optax.apply_updates(ls, upd), opt, loss, mets
 
     @jax.jit
-    def scores(ls, idx):
+    def scores(ls, dev, idx):
         w = jax.tree.map(lambda a: a[idx], dev)
         return jax.vmap(lambda wi: edit_scores_of(ls, wi, m))(w)
 
     def val_spearman(ls):
         if not n_val:
             return float("nan")
-        u, d = map(np.asarray, scores(ls, jnp.asarray(val_idx)))
+        u, d = map(np.asarray, scores(ls, dev, jnp.asarray(val_idx)))
         v = np.asarray(labels["evalid"])[val_idx]
         return spearman(u[v], d[v])
 
@@ -200,7 +207,7 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
     t0 = time.perf_counter()
     for i in bar:
         idx = jnp.asarray(rng.choice(train_idx, size=min(batch, len(train_idx)), replace=False))
-        lens_state, opt, loss, mets = step(lens_state, opt, idx)
+        lens_state, opt, loss, mets = step(lens_state, opt, dev, idx)
         if i % 50 == 0 or i == steps - 1:
             row = {k: float(v) for k, v in jax.device_get(mets).items()}
             row.update(step=i + 1, loss=float(loss), val_spearman=val_spearman(lens_state))
@@ -227,14 +234,14 @@ def fit_lens_cli(args) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoint or default_checkpoint())
     model = load_base(args.base)
-    m, gist_state, info = _models(model, ckpt, args.mixtures, args.edits)
+    m, gist_state, _, info = load_models(model, ckpt, args.mixtures, args.edits)
     paths = collect(model, m, gist_state, workdir, args.windows, shard=args.shard,
                     seed=args.seed, data_dir=args.data_dir, progress=not args.no_progress,
                     log=log)
     labels = load_labels(paths)
     m, lens_state, summary = fit(m, labels, steps=args.steps, batch=args.batch, lr=args.lr,
                                  val_frac=args.val_frac, seed=args.seed, workdir=workdir,
-                                 progress=not args.no_progress, log=log)
+                                 progress=not args.no_progress)
     summary.update(checkpoint=str(ckpt), workdir=str(workdir))
     if args.export:
         _export(Path(args.export), m, gist_state, lens_state, info,

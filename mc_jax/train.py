@@ -156,6 +156,12 @@ def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, 
     return nll_BxH.mean(-1)
 
 
+def kl_from_teacher(t_logits, s_logits):
+    """Mean over positions of KL(teacher || student); the teacher gets no gradient."""
+    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits), -1)
+    return jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(s_logits, -1)), -1).mean()
+
+
 def _pearson(a, b, mask):
     """Pearson correlation of two masked vectors (a cheap in-step telemetry figure)."""
     w = mask.astype(jnp.float32)
@@ -213,12 +219,9 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
                .astype(jnp.float32)}
     loss = jnp.float32(0.0)
     if cfg.n_subst:
-        # teacher: the recent window's own distribution (stop-gradient; same forward batch)
-        r_logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits[0]), -1)
-        kl_rows = lambda lg: jnp.sum(  # noqa: E731
-            jnp.exp(r_logp) * (r_logp - jax.nn.log_softmax(lg, -1)), -1).mean()
-        subst_kl = kl_rows(logits[cfg.n_wc:cfg.n_wc + S])
-        drop_kl = kl_rows(jax.lax.stop_gradient(logits[cfg.n_wc + S:]))
+        # teacher: the recent window's own distribution (same forward batch)
+        subst_kl = kl_from_teacher(logits[0], logits[cfg.n_wc:cfg.n_wc + S])
+        drop_kl = kl_from_teacher(logits[0], jax.lax.stop_gradient(logits[cfg.n_wc + S:]))
         metrics.update(nll_subst=nll_sub.mean(), subst_gap=nll_sub.mean() - nll_recent,
                        subst_kl=subst_kl, subst_minus_drop=nll_sub.mean() - nll_drop.mean(),
                        subst_kl_minus_drop=subst_kl - drop_kl)
@@ -231,9 +234,7 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
         if cfg.kl_weight > 0:
             full = jnp.concatenate([ids, targets])[None]
             tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])
-            t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(tlogits[0, C - 1:C - 1 + H]), -1)
-            s_logp = jax.nn.log_softmax(logits[1:cfg.n_wc], -1)
-            kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1).mean()
+            kl = kl_from_teacher(tlogits[0, C - 1:C - 1 + H], logits[1:cfg.n_wc])
             gist_loss = gist_loss + cfg.kl_weight * kl
             metrics["kl"] = kl
         loss = loss + gist_loss
@@ -303,12 +304,11 @@ def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, 
                               m)
 
 
-def lens_loss_measured(lens_state, levels_MxN, nll_M, nll_MxE, blocks, kinds, evalid, gists,
+def lens_loss_measured(lens_state, levels_MxN, nll_M, nll_e, blocks, kinds, evalid, gists,
                        m: Models):
-    """LensNet loss and metrics from already measured single-edit NLLs (online: `_lens_loss`;
-    offline, from a cached label set: `mc_jax.lens_fit`)."""
+    """LensNet loss and metrics from already measured single-edit NLLs nll_e [M, E] (online:
+    `_lens_loss`; offline, from a cached label set: `mc_jax.lens_fit`)."""
     cfg, pc = m.cfg, m.pack
-    nll_e = nll_MxE
     d, t = utility_targets(nll_M, nll_e, kinds, cfg)
     out, f = lens_scores(lens_state, levels_MxN, gists, m)
     u_e = edit_scores(out.u, f["mask"], levels_MxN, blocks, kinds, pc)

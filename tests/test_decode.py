@@ -122,12 +122,16 @@ def test_jit_step_matches_reference(session):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def global_session(model):
+def _global_session(model, kv_mode="exact"):
     """Recency policy, global positions with Gaussian RoPE damping."""
     gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
     return dm.Session(model, W, gist, None, policy="recency", capacity_tokens=4096, chunk=32,
-                      position_mode="global", rope_damping=True)
+                      position_mode="global", rope_damping=True, kv_mode=kv_mode)
+
+
+@pytest.fixture(scope="module")
+def global_session(model):
+    return _global_session(model)
 
 
 @pytest.mark.parametrize("which", ["session", "global_session"])
@@ -161,19 +165,13 @@ def test_kv_after_refocus_equals_full_recompute(which, request):
                                atol=1e-3)
 
 
-def _global_sessions(model, kv_mode):
-    gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
-    return dm.Session(model, W, gist, None, policy="recency", capacity_tokens=4096, chunk=32,
-                      position_mode="global", rope_damping=True, kv_mode=kv_mode)
-
-
 def test_approx_kv_mode(model, global_session):
     """kv_mode='approx': identical to exact while the WC only grows; after refocus edits it moves
     the cached rows of unchanged entries (bit for bit) and recomputes only chunks with new
     content, fewer slots than exact prefix reuse; nothing recompiles."""
     with pytest.raises(ConfigError, match="global"):
         dm.DecodeConfig(budget=W, capacity_blocks=128, kv_mode="approx")
-    approx = _global_sessions(model, "approx")
+    approx = _global_session(model, "approx")
     exact = global_session
     ids = _ids(60 * K, seed=3)
     for s in (approx, exact):

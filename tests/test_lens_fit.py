@@ -18,7 +18,7 @@ def measured():
     base_cfg, base_params, _ = train.load_frozen_base(cfg)
     m, gist_state, _ = train.build_models(cfg, base_cfg, base_params)
     model = types.SimpleNamespace(params=base_params, cfg=base_cfg)
-    one = lens_fit._measure_fn(model, m, gist_state)
+    one = lens_fit.measure_fn(model, m, gist_state)
     toks = np.asarray(next(train.SyntheticBatches(cfg.replace(batch_size=6), 256, None))["tokens"])
     rows = [jax.device_get(one(jnp.asarray(t), jax.random.PRNGKey(i))) for i, t in enumerate(toks)]
     labels = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
