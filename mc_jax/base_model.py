@@ -183,7 +183,7 @@ def _attend(q_BxTxNxF, k_BxSxGxF, v_BxSxGxF, mask_BxTxS):
 
 def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_BxT=None,
             sigma_BxT=None, cache: KVCache | None = None, cache_index=None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, adapter=None, adapt_BxT=None):
     """Run the decoder.
 
     inputs: token ids [B, T] (int) or input embeddings [B, T, D] (float).
@@ -193,6 +193,9 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
     cache, cache_index: write the T new keys/values at slots [cache_index, cache_index + T) and
       attend to every valid slot at or before each query's slot. Without a cache, plain causal
       attention over the T inputs.
+    adapter, adapt_BxT: optional low-rank deltas (see `init_adapter`) added to the listed linear
+      maps at the rows where adapt_BxT is True only (the gist slots). Rows where it is False are
+      computed exactly as without an adapter, so a context with no gists is the frozen base.
     Returns (logits_BxTxV float32, new cache or None) — or the final hidden states instead of the
     logits when return_hidden.
     """
@@ -219,13 +222,27 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         mask_BxTxS = causal_TxS[None] & cache_valid_BxS[:, None, :]
     # A fully masked (padding) row gets a finite uniform softmax in dot_product_attention: no NaN.
     lp = params["layers"]
+    if adapter is not None:
+        if adapt_BxT is None:
+            raise ValueError("an adapter needs adapt_BxT (which rows it applies to)")
+        lp = {**lp, "adapter": adapter}
+        gate_BxTx1 = adapt_BxT[..., None].astype(x_BxTxD.dtype)
+
+    def lin(name, h, w):
+        y = jnp.einsum("btd,de->bte", h, w[name])
+        ad = w.get("adapter", {}).get(name)
+        if ad is not None:
+            delta = jnp.einsum("btr,re->bte", jnp.einsum("btd,dr->btr", h, ad["a"].astype(h.dtype)),
+                               ad["b"].astype(h.dtype))
+            y = y + gate_BxTx1 * delta
+        return y
 
     def layer(x, inputs_l):
         w, k_cache_l, v_cache_l = inputs_l
         h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
-        q = jnp.einsum("btd,de->bte", h, w["wq"])
-        k = jnp.einsum("btd,de->bte", h, w["wk"])
-        v = jnp.einsum("btd,de->bte", h, w["wv"])
+        q = lin("wq", h, w)
+        k = lin("wk", h, w)
+        v = lin("wv", h, w)
         if "bq" in w:  # Qwen2-style attention bias
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         q, k, v = q.reshape(B, T, N, F), k.reshape(B, T, G, F), v.reshape(B, T, G, F)
@@ -238,11 +255,11 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         else:
             k_all, v_all = k, v
         att = _attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
-        x = x + jnp.einsum("bte,ed->btd", att.reshape(B, T, N * F), w["wo"])
+        x = x + lin("wo", att.reshape(B, T, N * F), w)
         h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
-        gate = jnp.einsum("btd,dm->btm", h, w["w_gate"])
-        up = jnp.einsum("btd,dm->btm", h, w["w_up"])
-        x = x + jnp.einsum("btm,md->btd", jax.nn.silu(gate) * up, w["w_down"])
+        gate = lin("w_gate", h, w)
+        up = lin("w_up", h, w)
+        x = x + lin("w_down", jax.nn.silu(gate) * up, w)
         return x, (k_all, v_all) if k_cache_l is not None else None
 
     if cache is None:
@@ -264,6 +281,28 @@ def token_nll(logits_BxTxV, targets_BxT):
     """Per-position negative log-likelihood (float32)."""
     logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+ADAPTER_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def adapter_dims(params: Params, targets=ADAPTER_TARGETS) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, n_layers, in, out) of each adaptable linear map of a base model's parameters."""
+    lp = params["layers"]
+    missing = [t for t in targets if t not in lp]
+    if missing:
+        raise ValueError(f"adapter targets {missing} are not linear maps of this base model "
+                         f"(it has {sorted(lp)})")
+    return tuple((t, *map(int, lp[t].shape)) for t in targets)
+
+
+def init_adapter(dims, rank: int, key: jax.Array) -> dict:
+    """Low-rank deltas {name: {"a": [L, in, r], "b": [L, r, out]}} for `forward(adapter=...)`:
+    a ~ N(0, 1/in), b = 0, so a fresh adapter changes nothing."""
+    keys = jax.random.split(key, len(dims))
+    return {n: {"a": jax.random.normal(k, (L, i, rank), jnp.float32) / np.sqrt(i),
+                "b": jnp.zeros((L, rank, o), jnp.float32)}
+            for k, (n, L, i, o) in zip(keys, dims)}
 
 
 def check_token_ids(ids, cfg: LlamaConfig) -> np.ndarray:

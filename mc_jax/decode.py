@@ -263,16 +263,30 @@ def _materialised_inputs(rt: Runtime, params, state: DecodeState):
     return x, pos, sigma, valid, slot_keys(state.wc, wcfg, S), next_pos
 
 
-def _forward_chunk(rt: Runtime, params, x_SxD, pos_S, valid_S, sigma_S, cache, start, last,
-                   h_last):
+def gist_slots_of(key_S):
+    """bool [S]: the slots holding a gist (level > 0 in the content key)."""
+    return (key_S >= 0) & (key_S % 8 > 0)
+
+
+def with_reader(base_params, gist_model):
+    """The base parameters the runtime runs with: plus the GistNet's gist reader (key
+    "gist_reader", applied at gist slots only) when it has one."""
+    ad = gist_model.reader_adapter()
+    return base_params if ad is None else {**base_params, "gist_reader": ad}
+
+
+def _forward_chunk(rt: Runtime, params, x_SxD, pos_S, valid_S, sigma_S, gist_S, cache, start,
+                   last, h_last):
     """Recompute the C cache slots [start, start + C) from the materialised inputs (attending to
-    the valid cached slots before them); h_last takes the hidden state of slot `last` if the
-    chunk holds it. -> (cache, h_last)."""
+    the valid cached slots before them; gist_S: where the gist reader applies); h_last takes the
+    hidden state of slot `last` if the chunk holds it. -> (cache, h_last)."""
     C = rt.cfg.chunk
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C)[None]  # noqa: E731
+    ad = params.get("gist_reader")
     h, cache = bm.forward(params, rt.base_cfg, sl(x_SxD), sl(pos_S), valid_BxT=sl(valid_S),
                           sigma_BxT=None if sigma_S is None else sl(sigma_S), cache=cache,
-                          cache_index=start, return_hidden=True)
+                          cache_index=start, return_hidden=True, adapter=ad,
+                          adapt_BxT=None if ad is None else sl(gist_S))
     j = last - start
     h_last = jnp.where((j >= 0) & (j < C), h[0, jnp.clip(j, 0, C - 1)], h_last)
     return cache, h_last
@@ -294,6 +308,7 @@ def sync_cache(rt: Runtime, params, state: DecodeState):
     x_pad = jnp.pad(x_SxD, ((0, C), (0, 0)))
     pos_pad, valid_pad = jnp.pad(pos_S, (0, C)), jnp.pad(valid_S & (s < cost), (0, C))
     sig_pad = None if sigma_S is None else jnp.pad(sigma_S, (0, C))
+    gist_pad = jnp.pad(gist_slots_of(key_S), (0, C))
     h0 = jnp.zeros((bcfg.d_model,), params["embed"].dtype)
 
     def cond(carry):
@@ -301,8 +316,8 @@ def sync_cache(rt: Runtime, params, state: DecodeState):
 
     def body(carry):
         start, cache, h_last = carry
-        cache, h_last = _forward_chunk(rt, params, x_pad, pos_pad, valid_pad, sig_pad, cache,
-                                       start, cost - 1, h_last)
+        cache, h_last = _forward_chunk(rt, params, x_pad, pos_pad, valid_pad, sig_pad, gist_pad,
+                                       cache, start, cost - 1, h_last)
         return start + C, cache, h_last
 
     _, cache, h_last = jax.lax.while_loop(cond, body, (start0, cache, h0))
@@ -342,8 +357,8 @@ def sync_cache_approx(rt: Runtime, params, state: DecodeState):
 
     def body(carry):
         j, cache, h_last = carry
-        cache, h_last = _forward_chunk(rt, params, x_SxD, pos_S, valid_S, sigma_S, cache, j * C,
-                                       last, h_last)
+        cache, h_last = _forward_chunk(rt, params, x_SxD, pos_S, valid_S, sigma_S,
+                                       gist_slots_of(key_S), cache, j * C, last, h_last)
         return next_chunk(j + 1), cache, h_last
 
     _, cache, h_last = jax.lax.while_loop(lambda c: c[0] < n_chunks, body,
@@ -599,7 +614,7 @@ class Session:
             cfg = DecodeConfig(capacity_blocks=need, **kw)  # exact capacity, or the real error
         self.rt, self.nets = make_runtime(cfg, base_model.cfg, gist_model, lens_model,
                                           cache_dtype=base_model.params["embed"].dtype)
-        self.params = base_model.params
+        self.params = with_reader(base_model.params, gist_model)
         self.seed = seed
         self.reset()
 
@@ -733,9 +748,9 @@ class MegaContextPolicy:
 
 @functools.partial(jax.jit, static_argnames=("rt",))
 def _wc_inputs(rt, params, state):
-    x, pos, sigma, valid, _, next_pos = _materialised_inputs(rt, params, state)
+    x, pos, sigma, valid, key, next_pos = _materialised_inputs(rt, params, state)
     sigma = jnp.zeros(pos.shape, jnp.float32) if sigma is None else sigma
-    return x, pos, sigma, valid, next_pos
+    return x, pos, sigma, valid, gist_slots_of(key), next_pos
 
 
 def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> str:
@@ -744,15 +759,18 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
     from mc_jax import sampling
 
     model, rt = s.model, s.rt
-    x_SxD, pos_S, sig_S, valid_S, next_pos = jax.device_get(_wc_inputs(rt, s.params, s.state))
+    x_SxD, pos_S, sig_S, valid_S, gist_S, next_pos = jax.device_get(
+        _wc_inputs(rt, s.params, s.state))
     cost = int(np.sum(np.asarray(valid_S))) if rt.cfg.policy == "truncate" else int(
         s.state.wc.total_cost())
     if rt.cfg.policy == "truncate":
         sel = np.asarray(valid_S)
         x, pos, sig = np.asarray(x_SxD)[sel], np.asarray(pos_S)[sel], np.asarray(sig_S)[sel]
+        gist = np.asarray(gist_S)[sel]
     else:
         x, pos, sig = (np.asarray(x_SxD)[:cost], np.asarray(pos_S)[:cost],
                        np.asarray(sig_S)[:cost])
+        gist = np.asarray(gist_S)[:cost]
     extra = np.concatenate([np.asarray(tail_ids, np.int32), np.asarray(question_ids, np.int32)])
     emb = np.asarray(bm.embed_tokens(s.params, jnp.asarray(extra))) if len(extra) else \
         np.zeros((0, x.shape[1]), x.dtype)
@@ -773,10 +791,13 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
     pp[0, :P] = pos
     ss = np.zeros((1, T), np.float32)
     ss[0, :len(sig)] = sig
+    gg = np.zeros((1, T), bool)
+    gg[0, :len(gist)] = gist
     valid = np.arange(T)[None] < P
     cache = bm.init_cache(model.cfg, 1, size, s.params["embed"].dtype)
     logits, cache = _prefill_embeds(s.params, model.cfg, cache, jnp.asarray(xp),
-                                    jnp.asarray(pp), jnp.asarray(ss), jnp.asarray(valid))
+                                    jnp.asarray(pp), jnp.asarray(ss), jnp.asarray(valid),
+                                    jnp.asarray(gg))
     tok = jnp.argmax(logits[:, P - 1], axis=-1).astype(jnp.int32)
     stops = _stop_ids(model)
     out = []
@@ -794,9 +815,11 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, sigma_1xT, valid_1xT):
+def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, sigma_1xT, valid_1xT, gist_1xT):
+    ad = params.get("gist_reader")
     return bm.forward(params, cfg, x_1xTxD, pos_1xT, valid_BxT=valid_1xT, sigma_BxT=sigma_1xT,
-                      cache=cache, cache_index=0)
+                      cache=cache, cache_index=0, adapter=ad,
+                      adapt_BxT=None if ad is None else gist_1xT)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

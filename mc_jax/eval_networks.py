@@ -80,9 +80,13 @@ def _gist_variants(gist_trained, seed=0):
 
 
 def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: list[int],
-                     horizon: int, drop: bool = False) -> np.ndarray:
+                     horizon: int, drop: bool = False, adapter="auto",
+                     gists_from=None) -> np.ndarray:
     """Horizon NLL with each listed node (level 1: a block; level 2: 32 blocks starting at it)
-    replaced by its gist (or dropped). ids_T: history (a whole number of blocks) + horizon."""
+    replaced by its gist (or dropped). ids_T: history (a whole number of blocks) + horizon.
+    adapter: the gist reader ("auto": gist_model.reader_adapter() when it has one).
+    gists_from: another history of the same length whose gists are used instead (a content
+    control: a gist of different text in the same place)."""
     K = 32
     C = len(ids_T) - horizon
     N = C // K
@@ -91,7 +95,11 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
     emb = bm.embed_tokens(base, jnp.asarray(ids_T[:C])).reshape(N, K, -1).astype(jnp.float32)
     hor = jnp.asarray(ids_T[C:])
     hor_emb = bm.embed_tokens(base, hor).astype(jnp.float32)
-    g1 = gist_model(1, emb)
+    if isinstance(adapter, str):
+        adapter = gist_model.reader_adapter() if hasattr(gist_model, "reader_adapter") else None
+    src = emb if gists_from is None else bm.embed_tokens(
+        base, jnp.asarray(gists_from[:C])).reshape(N, K, -1).astype(jnp.float32)
+    g1 = gist_model(1, src)
     gists = [g1]
     if level >= 2:
         n2 = N // K
@@ -115,15 +123,20 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
             levels[i, b0:b0 + span] = level
         x, pos, _, valid = jax.vmap(lambda lv: twc.pack(lv, emb, tuple(gists), hor_emb, pc))(
             jnp.asarray(levels))
+        if adapter is not None:
+            mask = jax.vmap(lambda lv: twc.gist_slots(lv, pc))(jnp.asarray(levels))
+            return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
+                hor, (x.shape[0], horizon)), C, adapter, mask))
     return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
         hor, (x.shape[0], horizon)), C))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
-def _packed_nll(base, base_cfg, x, pos, valid, targets, W):
+def _packed_nll(base, base_cfg, x, pos, valid, targets, W, adapter=None, adapt=None):
     from mc_jax.train import packed_logits
 
-    logits = packed_logits(base, base_cfg, x, pos, valid, W, targets.shape[1])
+    logits = packed_logits(base, base_cfg, x, pos, valid, W, targets.shape[1],
+                           adapter=adapter, adapt_BxP=adapt)
     return bm.token_nll(logits, targets).mean(-1)
 
 
@@ -148,17 +161,29 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
     rows = {f"lod{lv}_{k}": [] for lv in (1, 2) for k in list(variants) + ["drop"]}
     w1 = _validation_windows(model.tokenizer, lod1_window + horizon, n_docs, seed, data_dir)
     w2 = _validation_windows(model.tokenizer, 1088 + horizon, n_docs, seed + 1, data_dir)
-    for ids1, ids2 in tqdm(list(zip(w1, w2)), desc="eval-gists", disable=not progress,
-                           file=sys.stderr):
+    readers = {k: g.reader_adapter() for k, g in variants.items()}
+    rows.update({f"lod{lv}_shuffled": [] for lv in (1, 2)})
+    for i, (ids1, ids2) in enumerate(tqdm(list(zip(w1, w2)), desc="eval-gists",
+                                          disable=not progress, file=sys.stderr)):
         r1 = raw_nll(model.params, model.cfg, ids1, horizon)
         r2 = raw_nll(model.params, model.cfg, ids2, horizon)
         for k in variants:
             n1 = substitution_nll(model.params, model.cfg, fns[k], ids1, level=1,
-                                  blocks=list(lod1_blocks), horizon=horizon)
+                                  blocks=list(lod1_blocks), horizon=horizon, adapter=readers[k])
             rows[f"lod1_{k}"] += list(n1 - r1)
             n2 = substitution_nll(model.params, model.cfg, fns[k], ids2, level=2,
-                                  blocks=[0], horizon=horizon)
+                                  blocks=[0], horizon=horizon, adapter=readers[k])
             rows[f"lod2_{k}"] += list(n2 - r2)
+        # content control: the trained GistNet's gists of the next window's text, same places
+        j = (i + 1) % len(w1)
+        n1 = substitution_nll(model.params, model.cfg, fns["gistnet"], ids1, level=1,
+                              blocks=list(lod1_blocks), horizon=horizon,
+                              adapter=readers["gistnet"], gists_from=w1[j])
+        rows["lod1_shuffled"] += list(n1 - r1)
+        n2 = substitution_nll(model.params, model.cfg, fns["gistnet"], ids2, level=2,
+                              blocks=[0], horizon=horizon, adapter=readers["gistnet"],
+                              gists_from=w2[j])
+        rows["lod2_shuffled"] += list(n2 - r2)
         d1 = substitution_nll(model.params, model.cfg, fns["meanpool"], ids1, level=1,
                               blocks=list(lod1_blocks), horizon=horizon, drop=True)
         rows["lod1_drop"] += list(d1 - r1)
@@ -170,16 +195,17 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
     # paired differences (same windows, same blocks): far tighter than comparing two means
     for lv in (1, 2):
         g = np.asarray(rows[f"lod{lv}_gistnet"])
-        for k in ("meanpool", "untrained", "drop"):
+        for k in ("meanpool", "untrained", "drop", "shuffled"):
             d = g - np.asarray(rows[f"lod{lv}_{k}"])
             out[f"lod{lv}_gistnet_minus_{k}"] = float(d.mean())
             out[f"lod{lv}_gistnet_minus_{k}_sem"] = float(d.std(ddof=1) / np.sqrt(len(d)))
     nb = len(lod1_blocks)
-    for k in list(variants) + ["drop"]:  # LOD1 per block (rows are doc-major, block-minor)
+    for k in list(variants) + ["drop", "shuffled"]:  # LOD1 per block (rows are doc-major, block-minor)
         per = np.asarray(rows[f"lod1_{k}"]).reshape(-1, nb).mean(0)
         out[f"lod1_{k}_per_block"] = {int(b): float(v) for b, v in zip(lod1_blocks, per)}
     out.update(n_docs=n_docs, horizon=horizon, checkpoint=str(checkpoint or default_checkpoint()),
-               trained_steps=info.get("steps"), target_lod1=0.1)
+               trained_steps=info.get("steps"), target_lod1=0.1,
+               gist_reader_rank=gist.config.reader_rank)
     return out
 
 
@@ -232,12 +258,14 @@ def eval_gists_cli(args) -> int:
     for lv in (1, 2):
         print(f"  LOD{lv}: " + "  ".join(
             f"{k}={res[f'lod{lv}_{k}']:+.4f}±{res[f'lod{lv}_{k}_sem']:.4f}"
-            for k in ("gistnet", "meanpool", "untrained", "drop")))
+            for k in ("gistnet", "meanpool", "untrained", "drop", "shuffled")))
     for lv in (1, 2):
         print(f"  LOD{lv} paired, gistnet minus: " + "  ".join(
             f"{k} {res[f'lod{lv}_gistnet_minus_{k}']:+.4f}±"
             f"{res[f'lod{lv}_gistnet_minus_{k}_sem']:.4f}"
-            for k in ("meanpool", "untrained", "drop")))
+            for k in ("meanpool", "untrained", "drop", "shuffled")))
+    print("  (shuffled: the trained GistNet's gists of other text in the same places; gistnet "
+          "below it means the gists carry their block's content)")
     print("  LOD1 per block (block: gistnet / drop): " + "  ".join(
         f"{b}: {v:+.3f} / {res['lod1_drop_per_block'][b]:+.3f}"
         for b, v in res["lod1_gistnet_per_block"].items()))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mc_jax import base_model as bm
 from mc_jax.errors import ConfigError
 from mc_jax.nn import CrossBlock, SelfBlock, compute_dtype, rms_normalise
 
@@ -69,6 +70,10 @@ class GistNetConfig:
     rope_base: RoPE base over the K local positions.
     dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
     kind: 'gistnet' (the attention network) or 'mean_pool' (the baseline).
+    reader_rank: rank of the gist reader (0 = none): low-rank deltas on the base model's linear
+      maps that apply at gist slots only (`base_model.forward(adapter=..., adapt_BxT=...)`), so
+      the base learns to read gists while every token row is computed by the frozen base.
+    reader_dims: (name, n_layers, in, out) of the adapted maps (`base_model.adapter_dims`).
     """
 
     d_model: int
@@ -84,9 +89,15 @@ class GistNetConfig:
     rope_base: float = 10000.0
     dtype: str = "float32"
     kind: str = "gistnet"
+    reader_rank: int = 0
+    reader_dims: tuple = ()
 
     def __post_init__(self):
         compute_dtype(self.dtype)
+        object.__setattr__(self, "reader_dims", tuple(tuple(d) for d in self.reader_dims))
+        if self.reader_rank < 0 or (self.reader_rank and not self.reader_dims):
+            raise ConfigError("GistNetConfig: reader_rank must be >= 0, and a reader needs "
+                              "reader_dims (base_model.adapter_dims of the base parameters)")
         if self.kind not in _KINDS:
             raise ConfigError(f"GistNetConfig.kind {self.kind!r} is unknown; use one of {_KINDS}")
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -190,6 +201,16 @@ class _GistModel(nnx.Module):
         self.cores = nnx.List([self._core_cls(config, rngs=rngs) for _ in range(n_cores)])
         if self._uses_level_bias():
             self.level_bias = nnx.Param(jnp.zeros((config.depth, config.width), jnp.float32))
+        if config.reader_rank:
+            init = bm.init_adapter(config.reader_dims, config.reader_rank, rngs.params())
+            self.reader = nnx.Dict({n: nnx.Dict({k: nnx.Param(v) for k, v in ab.items()})
+                                    for n, ab in init.items()})
+
+    def reader_adapter(self) -> dict | None:
+        """The gist reader as `base_model.forward(adapter=...)` arrays, or None without one."""
+        if not self.config.reader_rank:
+            return None
+        return {n: {k: self.reader[n][k][...] for k in ("a", "b")} for n in self.reader}
 
     def _uses_level_bias(self) -> bool:
         c = self.config

@@ -38,7 +38,7 @@ from mc_jax import base_model as bm
 from mc_jax import train
 from mc_jax import training_wc as twc
 from mc_jax.errors import McJaxError
-from mc_jax.gistnet import gist_fn_from_state
+from mc_jax.gistnet import as_gist_fn
 from mc_jax.lensnet import LensNet
 
 
@@ -81,14 +81,17 @@ def measure_fn(model, m: train.Models, gist_state):
         ids, targets = tokens[:C], tokens[C:C + H]
         emb = bm.embed_tokens(model.params, ids).reshape(N, K, -1).astype(jnp.float32)
         hor_emb = bm.embed_tokens(model.params, targets).astype(jnp.float32)
-        gists = train.build_gists(gist_fn_from_state(m.gist_graph, gist_state), emb, pc.depth)
+        gist_model = nnx.merge(m.gist_graph, gist_state)
+        gists = train.build_gists(as_gist_fn(gist_model), emb, pc.depth)
+        adapter = gist_model.reader_adapter()
         k1, k2 = jax.random.split(key)
         levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, M))
         x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb, gists, hor_emb, pc))(levels)
         nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
-                                jnp.broadcast_to(targets, (M, H)))
+                                jnp.broadcast_to(targets, (M, H)), adapter=adapter,
+                                adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels))
         blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
-                                                           hor_emb, targets, k2, m)
+                                                           hor_emb, targets, k2, m, adapter)
         out = dict(levels=levels, nll=nll, blocks=blocks, kinds=kinds, evalid=evalid,
                    nll_e=nll_e)
         out.update({f"gist{lv + 1}": g for lv, g in enumerate(gists)})

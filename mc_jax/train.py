@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mc_jax import base_model as bm
 from mc_jax import training_wc as twc
 from mc_jax.errors import ConfigError, McJaxError
-from mc_jax.gistnet import GistNetConfig, build_gist_model, gist_fn_from_state
+from mc_jax.gistnet import GistNetConfig, as_gist_fn, build_gist_model
 from mc_jax.lensnet import LensNet, LensNetConfig
 from mc_jax.train_config import TrainConfig, add_train_args, load_config
 
@@ -95,7 +95,9 @@ def build_models(cfg: TrainConfig, base_cfg: bm.LlamaConfig, base_params, tokeni
     gist_cfg = GistNetConfig(d_model=base_cfg.d_model, width=cfg.gist_width,
                              heads=cfg.gist_heads, depth=cfg.depth,
                              share_weights_across_levels=cfg.gist_shared, embed_rms=rms,
-                             dtype=cfg.compute_dtype)
+                             dtype=cfg.compute_dtype, reader_rank=cfg.gist_reader_rank,
+                             reader_dims=bm.adapter_dims(base_params) if cfg.gist_reader_rank
+                             else ())
     lens_cfg = LensNetConfig(d_model=base_cfg.d_model, d_lens=cfg.lens_width,
                              heads=cfg.lens_heads, n_latents=cfg.lens_latents,
                              n_latent_layers=cfg.lens_layers, max_level=cfg.depth,
@@ -129,11 +131,13 @@ def build_gists(gist_fn, tok_emb_NxKxD, depth: int, K: int = 32) -> tuple:
 
 
 def packed_logits(base_params, base_cfg: bm.LlamaConfig, x_BxPxD, pos_BxP, valid_BxP, W: int,
-                  H: int, sigma_BxP=None):
+                  H: int, sigma_BxP=None, adapter=None, adapt_BxP=None):
     """Logits [B, H, V] of the H positions after a W-slot working context (the logit at slot
-    W - 1 + h predicts horizon token h); only those H rows go through the output head."""
+    W - 1 + h predicts horizon token h); only those H rows go through the output head.
+    adapter, adapt_BxP: the gist reader and the gist slots it applies to (or None)."""
     h_BxPxD, _ = bm.forward(base_params, base_cfg, x_BxPxD.astype(base_params["embed"].dtype),
-                            pos_BxP, valid_BxT=valid_BxP, sigma_BxT=sigma_BxP, return_hidden=True)
+                            pos_BxP, valid_BxT=valid_BxP, sigma_BxT=sigma_BxP, return_hidden=True,
+                            adapter=adapter, adapt_BxT=adapt_BxP if adapter is not None else None)
     h_BxHxD = h_BxPxD[:, W - 1: W - 1 + H]
     head = base_params["embed"].T if base_cfg.tie_embeddings else base_params["lm_head"]
     return jnp.einsum("bhd,dv->bhv", h_BxHxD, head.astype(h_BxHxD.dtype),
@@ -141,13 +145,15 @@ def packed_logits(base_params, base_cfg: bm.LlamaConfig, x_BxPxD, pos_BxP, valid
 
 
 def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, targets_BxH,
-                return_logits: bool = False, per_token: bool = False):
+                return_logits: bool = False, per_token: bool = False, adapter=None,
+                adapt_BxP=None):
     """Mean next-token NLL of the H horizon tokens per row (the logit at W-1+h predicts token h).
 
-    per_token: return the [B, H] NLLs instead of their mean."""
+    per_token: return the [B, H] NLLs instead of their mean.
+    adapter, adapt_BxP: the gist reader and its slots (`twc.gist_slots`), or None."""
     sigma = sigma_BxP if m.pack.rope_damping else None
     logits = packed_logits(base_params, m.base_cfg, x_BxPxD, pos_BxP, valid_BxP, m.pack.budget,
-                           m.pack.horizon, sigma)
+                           m.pack.horizon, sigma, adapter, adapt_BxP)
     nll_BxH = bm.token_nll(logits, targets_BxH)
     if per_token:
         return nll_BxH
@@ -181,7 +187,9 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     hor_emb = bm.embed_tokens(base_params, targets).astype(jnp.float32)
     if cfg.phase == "lens":
         gist_state = jax.lax.stop_gradient(gist_state)
-    gists = build_gists(gist_fn_from_state(m.gist_graph, gist_state), emb_NxKxD, pc.depth, K)
+    gist_model = nnx.merge(m.gist_graph, gist_state)
+    gists = build_gists(as_gist_fn(gist_model), emb_NxKxD, pc.depth, K)
+    adapter = gist_model.reader_adapter()
 
     k_mix, k_edit, k_sub = jax.random.split(key, 3)
     mix_keys = jax.random.split(k_mix, cfg.n_wc - 1)
@@ -197,10 +205,12 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
     x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
     tgt = jnp.broadcast_to(targets, (n_rows, H))
+    rd = dict(adapter=adapter, adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels))
     if cfg.kl_weight > 0 or cfg.n_subst:
-        nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True)
+        nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True,
+                                     **rd)
     else:
-        nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt)
+        nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt, **rd)
     S = cfg.n_subst
     nll_recent, nll_mix = nll_wc[0], nll_wc[1:cfg.n_wc]
     nll_sub, nll_drop = nll_wc[cfg.n_wc:cfg.n_wc + S], nll_wc[cfg.n_wc + S:]
@@ -242,7 +252,8 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     if cfg.phase in ("lens", "joint"):
         lens_loss, lens_metrics = _lens_loss(lens_state, base_params, levels[1:cfg.n_wc],
                                              nll_mix, jax.lax.stop_gradient(gists), emb_NxKxD,
-                                             hor_emb, targets, k_edit, m)
+                                             hor_emb, targets, k_edit, m,
+                                             jax.lax.stop_gradient(adapter))
         loss = loss + cfg.lens_weight * lens_loss
         metrics.update(lens_metrics)
     metrics["loss"] = loss
@@ -273,8 +284,10 @@ def edit_scores(u_MxN, mask_MxN, levels_MxN, blocks_MxE, kinds_MxE, pc: twc.Pack
     return (u_MxN[:, None, :] * R).sum(-1) / jnp.maximum(R.sum(-1), 1)
 
 
-def measure_edits(base_params, levels_MxN, gists, emb_NxKxD, hor_emb, targets, key, m: Models):
-    """Sample single edits per WC and measure their horizon NLL (no gradient)."""
+def measure_edits(base_params, levels_MxN, gists, emb_NxKxD, hor_emb, targets, key, m: Models,
+                  adapter=None):
+    """Sample single edits per WC and measure their horizon NLL (no gradient; `adapter`: the
+    gist reader, if any)."""
     pc, E = m.pack, m.cfg.n_edits
     M, N = levels_MxN.shape
     blocks, kinds, evalid = jax.vmap(lambda k, lv: twc.sample_edits(k, lv, E, pc))(
@@ -283,8 +296,10 @@ def measure_edits(base_params, levels_MxN, gists, emb_NxKxD, hor_emb, targets, k
         lambda b_, k_: twc.apply_edit(lv, b_, k_, pc))(bs, ks))(levels_MxN, blocks, kinds)
     x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb_NxKxD, gists, hor_emb, pc))(
         edited.reshape(M * E, N))
+    mask = jax.vmap(lambda lv: twc.gist_slots(lv, pc))(edited.reshape(M * E, N))
     nll_e = horizon_nll(base_params, m, x, pos, sig, valid,
-                        jnp.broadcast_to(targets, (M * E, pc.horizon))).reshape(M, E)
+                        jnp.broadcast_to(targets, (M * E, pc.horizon)), adapter=adapter,
+                        adapt_BxP=mask).reshape(M, E)
     return blocks, kinds, evalid, jax.lax.stop_gradient(nll_e)
 
 
@@ -296,10 +311,10 @@ def utility_targets(nll_M, nll_MxE, kinds_MxE, cfg: TrainConfig):
 
 
 def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, targets, key,
-               m: Models):
+               m: Models, adapter=None):
     nll_M = jax.lax.stop_gradient(nll_M)
     blocks, kinds, evalid, nll_e = measure_edits(base_params, levels_MxN, gists, emb, hor_emb,
-                                                 targets, key, m)
+                                                 targets, key, m, adapter)
     return lens_loss_measured(lens_state, levels_MxN, nll_M, nll_e, blocks, kinds, evalid, gists,
                               m)
 

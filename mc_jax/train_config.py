@@ -50,6 +50,9 @@ class TrainConfig:
     gist_width: int = 64
     gist_heads: int = 4
     gist_shared: bool = True
+    # gist reader: rank of low-rank deltas on the base's linear maps applied at gist slots only
+    # (token rows stay the frozen base); trained with GistNet. 0 = none
+    gist_reader_rank: int = 0
     lens_width: int = 64
     lens_heads: int = 4
     lens_latents: int = 16
@@ -88,6 +91,8 @@ class TrainConfig:
             raise ConfigError("n_subst > 0 needs an unprotected LOD0 block in the recent window "
                               f"(budget {self.budget} holds {self.budget // 32} blocks, "
                               f"{self.protect_blocks} protected)")
+        if self.gist_reader_rank < 0:
+            raise ConfigError(f"gist_reader_rank must be >= 0, got {self.gist_reader_rank}")
         if self.n_wc < 2:
             raise ConfigError("n_wc must be >= 2 (the recent window plus at least one mixture)")
         if self.data not in ("synthetic", "corpus"):
@@ -124,6 +129,8 @@ VARIANTS = {
     "global": dict(position_mode="global", rope_damping=True),
     # GistNet only, trained mostly on one-block substitutions of the recent window (+1 mixture)
     "subst": dict(phase="gist", n_wc=2, n_subst=3),
+    # the same with a rank-8 gist reader: the base learns to read gists at the gist slots
+    "reader": dict(phase="gist", n_wc=2, n_subst=3, gist_reader_rank=8),
 }
 
 
@@ -185,7 +192,7 @@ def load_config(spec: str, sets: list[str] | None = None) -> TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny",
                    help="preset NAME (tiny, cpu_small, gpu_poc) or FILE.py, optionally :VARIANT "
-                        "(gist, lens, joint, global, subst for presets)")
+                        "(gist, lens, joint, global, subst, reader for presets)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="train up to this step")

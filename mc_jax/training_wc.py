@@ -297,6 +297,16 @@ def pack(level_N: jax.Array, tok_emb_NxKxD: jax.Array, gists: tuple, horizon_emb
     return x, positions, sigma, valid
 
 
+def gist_slots(level_N: jax.Array, cfg: PackConfig) -> jax.Array:
+    """[W + H] bool: the slots of `pack(level_N, ...)` that hold a gist (where a gist reader
+    adapter applies)."""
+    P = cfg.budget + cfg.horizon
+    cost_N = entry_cost(level_N, cfg)
+    first_slot_N = cfg.budget - jnp.sum(cost_N) + jnp.cumsum(cost_N) - cost_N
+    is_gist = entry_starts(level_N, cfg) & (level_N >= 1)
+    return jnp.zeros((P,), bool).at[jnp.where(is_gist, first_slot_N, P)].set(True, mode="drop")
+
+
 def entry_features(level_N: jax.Array, gists: tuple, cfg: PackConfig):
     """LensNet inputs per block-slot (an entry lives on its first block).
 

@@ -134,7 +134,21 @@ def global_session(model):
     return _global_session(model)
 
 
-@pytest.mark.parametrize("which", ["session", "global_session"])
+@pytest.fixture(scope="module")
+def reader_session(model):
+    """The lens session's setup with a GistNet that has a (randomised) gist reader."""
+    p = model.params
+    cfg = GistNetConfig.tiny(64, reader_rank=4, reader_dims=bm.adapter_dims(p))
+    gist = build_gist_model(cfg, rngs=nnx.Rngs(0))
+    for i, n in enumerate(gist.reader):
+        b = gist.reader[n]["b"][...]
+        gist.reader[n]["b"][...] = 0.3 * jax.random.normal(jax.random.PRNGKey(i), b.shape)
+    lens = LensNet(LensNetConfig.tiny(d_model=64), rngs=nnx.Rngs(1))
+    return dm.Session(model, W, gist, lens, policy="lens", capacity_tokens=4096, chunk=32,
+                      focus=fm.FocusConfig(tau_expand=0.01, tau_collapse=0.01, cooldown=1))
+
+
+@pytest.mark.parametrize("which", ["session", "global_session", "reader_session"])
 def test_kv_after_refocus_equals_full_recompute(which, request):
     session = request.getfixturevalue(which)
     ids = _ids(40 * K, seed=1)
@@ -148,10 +162,14 @@ def test_kv_after_refocus_equals_full_recompute(which, request):
     st, rt = session.state, session.rt
     cost = int(st.wc.total_cost())
     assert 0 < min(partial[1:]) and min(partial[1:]) < cost, "exact prefix reuse never kicked in"
-    x, pos, sigma, valid, _ = dm._wc_inputs(rt, session.params, st)
+    x, pos, sigma, valid, gist, _ = dm._wc_inputs(rt, session.params, st)
+    ad = session.params.get("gist_reader")
+    assert (ad is not None) == (which == "reader_session")
+    rd = dict(adapter=ad, adapt_BxT=None if ad is None else gist[None])
+    assert int(gist.sum()) > 0, "no gist in the WC: the reader is not exercised"
     fresh = bm.init_cache(rt.base_cfg, 1, rt.cfg.cache_slots)
     _, fresh = bm.forward(session.params, rt.base_cfg, x[None], pos[None], valid_BxT=valid[None],
-                          sigma_BxT=sigma[None], cache=fresh, cache_index=0)
+                          sigma_BxT=sigma[None], cache=fresh, cache_index=0, **rd)
     np.testing.assert_array_equal(np.asarray(st.cache.valid_BxS[0]), np.arange(
         rt.cfg.cache_slots) < cost)
     np.testing.assert_allclose(np.asarray(st.cache.k[:, :, :cost]),
@@ -159,8 +177,15 @@ def test_kv_after_refocus_equals_full_recompute(which, request):
     np.testing.assert_allclose(np.asarray(st.cache.v[:, :, :cost]),
                                np.asarray(fresh.v[:, :, :cost]), atol=1e-4)
     # the stored logit is the full recompute's logit of the last WC slot
+    rd = dict(adapter=ad, adapt_BxT=None if ad is None else gist[None, :cost])
     logits = bm.forward(session.params, rt.base_cfg, x[None, :cost], pos[None, :cost],
-                        sigma_BxT=sigma[None, :cost])[0]
+                        sigma_BxT=sigma[None, :cost], **rd)[0]
+    if ad is not None:  # the reader matters: without it the cache would differ
+        _, plain = bm.forward(session.params, rt.base_cfg, x[None], pos[None],
+                              valid_BxT=valid[None], sigma_BxT=sigma[None],
+                              cache=bm.init_cache(rt.base_cfg, 1, rt.cfg.cache_slots),
+                              cache_index=0)
+        assert float(jnp.abs(plain.k[:, :, :cost] - fresh.k[:, :, :cost]).max()) > 1e-3
     np.testing.assert_allclose(np.asarray(st.last_logits_V), np.asarray(logits[0, -1]),
                                atol=1e-3)
 

@@ -40,6 +40,15 @@ def test_lod1_substitution_matches_a_hand_built_sequence():
     np.testing.assert_allclose(raw_nll(p, CFG, ids, H), _nll_of_embeddings(p, emb, ids[-H:]),
                                atol=1e-4)
 
+    # the content control: gists of another text in the same place
+    other = np.asarray(jax.random.randint(jax.random.PRNGKey(2), ids.shape, 0, 256), np.int32)
+    shuffled = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1], horizon=H,
+                                gists_from=other)
+    oemb = bm.embed_tokens(p, jnp.asarray(other))
+    x = jnp.concatenate([emb[:32], (oemb[32:64].mean(0) * 3.0)[None], emb[64:]])
+    np.testing.assert_allclose(shuffled[0], _nll_of_embeddings(p, x, ids[-H:]), atol=1e-4)
+    assert abs(shuffled[0] - got[0]) > 1e-4
+
 
 def test_spearman():
     a = np.arange(10.0)
