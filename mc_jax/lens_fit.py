@@ -48,8 +48,11 @@ def load_models(model, checkpoint, n_mix: int, n_edits: int):
     from mc_jax.train_config import TrainConfig
 
     gist, lens, info = train.load_networks(checkpoint, model.cfg)
-    tcfg = TrainConfig(**info["train_config"]).replace(n_wc=n_mix + 1, n_edits=n_edits,
-                                                       base="default")
+    tcfg = TrainConfig(**info["train_config"])
+    # the runtime never edits its newest block (DecodeConfig.protected_blocks >= 1), so LensNet
+    # labels never do either, even when GistNet was trained with protect_blocks = 0
+    tcfg = tcfg.replace(n_wc=n_mix + 1, n_edits=n_edits, base="default",
+                        protect_blocks=max(tcfg.protect_blocks, 1))
     m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
     gist_graph, gist_state = nnx.split(gist)
     lens_graph, lens_state = nnx.split(lens)
