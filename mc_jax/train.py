@@ -201,19 +201,31 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
         # reference a gist has to beat (telemetry; no gradient reaches it)
         rows += [subst, jnp.where(subst == 1, twc.NOT_COVERED, subst)]
     levels = jnp.concatenate(rows)
-    n_rows = cfg.n_wc + 2 * cfg.n_subst
+    S = cfg.n_subst
+    wrong_rows = S if cfg.content_weight > 0 else 0
+    n_rows = cfg.n_wc + 2 * S + wrong_rows
     pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
     x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
+    if wrong_rows:
+        # content control: the substitution windows again, with the gist of a block N/2 away in
+        # the slot. Horizon NLL with the right gist must beat it: a placeholder that helps
+        # whatever it encodes gains nothing here.
+        wrong = (jnp.roll(gists[0], N // 2, axis=0),) + tuple(gists[1:])
+        packed = jax.vmap(lambda lv: pack_fn(lv, wrong))(subst)
+        x, pos, sig, valid = (jnp.concatenate([a, b]) for a, b in zip((x, pos, sig, valid),
+                                                                       packed))
+        levels_all = jnp.concatenate([levels, subst])
+    else:
+        levels_all = levels
     tgt = jnp.broadcast_to(targets, (n_rows, H))
-    rd = dict(adapter=adapter, adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels))
+    rd = dict(adapter=adapter, adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels_all))
     if cfg.kl_weight > 0 or cfg.n_subst:
         nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True,
                                      **rd)
     else:
         nll_wc = horizon_nll(base_params, m, x, pos, sig, valid, tgt, **rd)
-    S = cfg.n_subst
     nll_recent, nll_mix = nll_wc[0], nll_wc[1:cfg.n_wc]
-    nll_sub, nll_drop = nll_wc[cfg.n_wc:cfg.n_wc + S], nll_wc[cfg.n_wc + S:]
+    nll_sub, nll_drop = nll_wc[cfg.n_wc:cfg.n_wc + S], nll_wc[cfg.n_wc + S:cfg.n_wc + 2 * S]
 
     g1 = gists[0][:N]
     g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
@@ -231,7 +243,8 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     if cfg.n_subst:
         # teacher: the recent window's own distribution (same forward batch)
         subst_kl = kl_from_teacher(logits[0], logits[cfg.n_wc:cfg.n_wc + S])
-        drop_kl = kl_from_teacher(logits[0], jax.lax.stop_gradient(logits[cfg.n_wc + S:]))
+        drop_kl = kl_from_teacher(logits[0], jax.lax.stop_gradient(
+            logits[cfg.n_wc + S:cfg.n_wc + 2 * S]))
         metrics.update(nll_subst=nll_sub.mean(), subst_gap=nll_sub.mean() - nll_recent,
                        subst_kl=subst_kl, subst_minus_drop=nll_sub.mean() - nll_drop.mean(),
                        subst_kl_minus_drop=subst_kl - drop_kl)
@@ -239,6 +252,11 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
         gist_loss = nll_mix.mean() + cfg.contrastive_weight * contrastive
         if cfg.n_subst:
             gist_loss = gist_loss + nll_sub.mean() + cfg.subst_kl_weight * subst_kl
+        if wrong_rows:
+            nll_wrong = nll_wc[cfg.n_wc + 2 * S:]
+            content = jnp.mean(jax.nn.relu(cfg.content_margin - (nll_wrong - nll_sub)))
+            gist_loss = gist_loss + cfg.content_weight * content
+            metrics.update(content=content, subst_minus_wrong=nll_sub.mean() - nll_wrong.mean())
         if cfg.gist_var_weight > 0:
             gist_loss = gist_loss + cfg.gist_var_weight * variance
         if cfg.kl_weight > 0:

@@ -38,6 +38,10 @@ class TrainConfig:
     # from the recent window's own predictions, trains GistNet where a gist's content matters
     n_subst: int = 0
     subst_kl_weight: float = 1.0
+    # content term on the substitution windows: hinge on NLL(gist of another block in the same
+    # slot) - NLL(the right gist) >= content_margin (nats/token), weighted by content_weight
+    content_weight: float = 0.0
+    content_margin: float = 0.02
     batch_size: int = 8              # global batch (a multiple of the device count)
     steps: int = 12
     phase: str = "joint"             # gist | lens | joint
@@ -91,6 +95,8 @@ class TrainConfig:
             raise ConfigError("n_subst > 0 needs an unprotected LOD0 block in the recent window "
                               f"(budget {self.budget} holds {self.budget // 32} blocks, "
                               f"{self.protect_blocks} protected)")
+        if self.content_weight > 0 and not self.n_subst:
+            raise ConfigError("content_weight > 0 needs substitution windows (n_subst > 0)")
         if self.gist_reader_rank < 0:
             raise ConfigError(f"gist_reader_rank must be >= 0, got {self.gist_reader_rank}")
         if self.n_wc < 2:

@@ -89,6 +89,35 @@ def test_substitution_wcs_train_gistnet_against_the_recent_window(setup):
     assert abs(float(met0["subst_minus_drop"])) < 1e-5
 
 
+def test_content_term_compares_the_right_gist_with_another_blocks_gist(setup):
+    """content_weight > 0 adds the substitution windows again with another block's gist in the
+    slot; the other rows' figures are unchanged, a context-blind base cannot tell the two apart
+    (hinge = margin), and the term has a gradient into GistNet."""
+    *_, base = setup
+    cfg = CFG.replace(phase="gist", n_wc=2, n_subst=3)
+    base_cfg = bm.LlamaConfig.tiny()
+    tokens = jnp.asarray(_batch(n=2))
+    key = jax.random.PRNGKey(0)
+
+    def run(c, bp):
+        m, g, l = train.build_models(c, base_cfg, base)
+        f = lambda g_: train.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m)  # noqa
+        return jax.jit(f)(g), jax.jit(jax.grad(lambda g_: f(g_)[0]))(g)
+
+    (_, plain), _ = run(cfg, base)
+    (_, met), grads = run(cfg.replace(content_weight=1.0, content_margin=0.05), base)
+    for k in ("nll_subst", "subst_minus_drop", "subst_kl", "nll_recent"):
+        np.testing.assert_allclose(float(met[k]), float(plain[k]), rtol=1e-5, atol=1e-6)
+    assert abs(float(met["subst_minus_wrong"])) > 1e-6
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(grads))
+    blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
+    (_, met0), _ = run(cfg.replace(content_weight=1.0, content_margin=0.05), blind)
+    assert abs(float(met0["subst_minus_wrong"])) < 1e-5
+    np.testing.assert_allclose(float(met0["content"]), 0.05, atol=1e-5)
+    with pytest.raises(Exception, match="n_subst"):
+        CFG.replace(content_weight=1.0)
+
+
 def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):
     m, g, l, base = setup
     assert len(jax.devices()) == 8
