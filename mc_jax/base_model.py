@@ -196,6 +196,7 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
     adapter, adapt_BxT: optional low-rank deltas (see `init_adapter`) added to the listed linear
       maps at the rows where adapt_BxT is True only (the gist slots). Rows where it is False are
       computed exactly as without an adapter, so a context with no gists is the frozen base.
+      adapt_BxT is ignored without an adapter.
     Returns (logits_BxTxV float32, new cache or None) — or the final hidden states instead of the
     logits when return_hidden.
     """

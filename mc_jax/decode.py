@@ -286,7 +286,7 @@ def _forward_chunk(rt: Runtime, params, x_SxD, pos_S, valid_S, sigma_S, gist_S, 
     h, cache = bm.forward(params, rt.base_cfg, sl(x_SxD), sl(pos_S), valid_BxT=sl(valid_S),
                           sigma_BxT=None if sigma_S is None else sl(sigma_S), cache=cache,
                           cache_index=start, return_hidden=True, adapter=ad,
-                          adapt_BxT=None if ad is None else sl(gist_S))
+                          adapt_BxT=sl(gist_S))
     j = last - start
     h_last = jnp.where((j >= 0) & (j < C), h[0, jnp.clip(j, 0, C - 1)], h_last)
     return cache, h_last
@@ -818,8 +818,7 @@ def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> 
 def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, sigma_1xT, valid_1xT, gist_1xT):
     ad = params.get("gist_reader")
     return bm.forward(params, cfg, x_1xTxD, pos_1xT, valid_BxT=valid_1xT, sigma_BxT=sigma_1xT,
-                      cache=cache, cache_index=0, adapter=ad,
-                      adapt_BxT=None if ad is None else gist_1xT)
+                      cache=cache, cache_index=0, adapter=ad, adapt_BxT=gist_1xT)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

@@ -105,6 +105,7 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
         n2 = N // K
         gists.append(gist_model(2, g1[: n2 * K].reshape(n2, K, -1)))
     span = 1 if level == 1 else K
+    mask = None  # gist slots, where the reader applies (none when dropping)
     if drop:
         # the node is simply absent: a raw WC of the remaining blocks, in order (compact positions)
         xs = []
@@ -125,10 +126,8 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
             jnp.asarray(levels))
         if adapter is not None:
             mask = jax.vmap(lambda lv: twc.gist_slots(lv, pc))(jnp.asarray(levels))
-            return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
-                hor, (x.shape[0], horizon)), C, adapter, mask))
     return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
-        hor, (x.shape[0], horizon)), C))
+        hor, (x.shape[0], horizon)), C, None if mask is None else adapter, mask))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))

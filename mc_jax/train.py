@@ -137,7 +137,7 @@ def packed_logits(base_params, base_cfg: bm.LlamaConfig, x_BxPxD, pos_BxP, valid
     adapter, adapt_BxP: the gist reader and the gist slots it applies to (or None)."""
     h_BxPxD, _ = bm.forward(base_params, base_cfg, x_BxPxD.astype(base_params["embed"].dtype),
                             pos_BxP, valid_BxT=valid_BxP, sigma_BxT=sigma_BxP, return_hidden=True,
-                            adapter=adapter, adapt_BxT=adapt_BxP if adapter is not None else None)
+                            adapter=adapter, adapt_BxT=adapt_BxP)
     h_BxHxD = h_BxPxD[:, W - 1: W - 1 + H]
     head = base_params["embed"].T if base_cfg.tie_embeddings else base_params["lm_head"]
     return jnp.einsum("bhd,dv->bhv", h_BxHxD, head.astype(h_BxHxD.dtype),

@@ -243,6 +243,13 @@ def sample_edits(key, level_N, n_edits: int, cfg: PackConfig):
 # ----------------------------------------------------------------------------------------------
 # packing
 
+def _first_slots(level_N: jax.Array, cfg: PackConfig):
+    """(slot of each entry's first position [N] with the WC right-aligned in W slots, WC cost)."""
+    cost_N = entry_cost(level_N, cfg)
+    total = jnp.sum(cost_N)
+    return cfg.budget - total + jnp.cumsum(cost_N) - cost_N, total
+
+
 def pack(level_N: jax.Array, tok_emb_NxKxD: jax.Array, gists: tuple, horizon_emb_HxD: jax.Array,
          cfg: PackConfig):
     """[WC || horizon] as base-model inputs, WC right-aligned in W slots (left padding).
@@ -253,9 +260,7 @@ def pack(level_N: jax.Array, tok_emb_NxKxD: jax.Array, gists: tuple, horizon_emb
     """
     K, N, W, H = cfg.block_size, cfg.seq_blocks, cfg.budget, cfg.horizon
     D = tok_emb_NxKxD.shape[-1]
-    cost_N = entry_cost(level_N, cfg)
-    total = jnp.sum(cost_N)
-    first_slot_N = W - total + jnp.cumsum(cost_N) - cost_N  # slot of each entry's first position
+    first_slot_N, total = _first_slots(level_N, cfg)
     dump = W + H  # out-of-range scatter index (dropped)
     b = jnp.arange(N)
     start = entry_starts(level_N, cfg)
@@ -301,8 +306,7 @@ def gist_slots(level_N: jax.Array, cfg: PackConfig) -> jax.Array:
     """[W + H] bool: the slots of `pack(level_N, ...)` that hold a gist (where a gist reader
     adapter applies)."""
     P = cfg.budget + cfg.horizon
-    cost_N = entry_cost(level_N, cfg)
-    first_slot_N = cfg.budget - jnp.sum(cost_N) + jnp.cumsum(cost_N) - cost_N
+    first_slot_N, _ = _first_slots(level_N, cfg)
     is_gist = entry_starts(level_N, cfg) & (level_N >= 1)
     return jnp.zeros((P,), bool).at[jnp.where(is_gist, first_slot_N, P)].set(True, mode="drop")
 
