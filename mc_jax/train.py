@@ -195,7 +195,7 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     mix_keys = jax.random.split(k_mix, cfg.n_wc - 1)
     rows = [twc.recent_window(pc)[None], jax.vmap(lambda k: twc.sample_mixture(k, pc))(mix_keys)]
     if cfg.n_subst:
-        subst = jax.vmap(lambda k: twc.substitution_window(k, pc))(
+        subst = jax.vmap(lambda k: twc.substitution_window(k, pc, cfg.subst_recent))(
             jax.random.split(k_sub, cfg.n_subst))
         # the same windows with the block dropped instead (level -1: absent): the paired
         # reference a gist has to beat (telemetry; no gradient reaches it)
@@ -599,19 +599,50 @@ def load_networks(path: str | Path, base_cfg: bm.LlamaConfig | None = None):
     gist = build_gist_model(gcfg, rngs=nnx.Rngs(0))
     lens = LensNet(lcfg, rngs=nnx.Rngs(0))
     for name, mod in (("gist", gist), ("lens", lens)):
-        st = nnx.state(mod, nnx.Param)
-        pure = nnx.to_pure_dict(st)
-        leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
-        new = []
-        for kp, v in leaves:
-            key = _flat_key(name, kp)
-            if key not in flat or flat[key].shape != v.shape:
-                raise CorruptFileError(f"{path}: parameter {key} missing or of the wrong shape")
-            new.append(jnp.asarray(flat[key], jnp.float32))
-        nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(pure), new))
-        nnx.update(mod, st)
+        _fill_params(mod, name, flat, CorruptFileError, f"{path}: parameter")
     return gist, lens, info
+
+
+def _fill_params(mod, name: str, flat: dict, error, what: str):
+    """Set every nnx.Param of `mod` from the flat safetensors dict (keys from `_flat_key`)."""
+    st = nnx.state(mod, nnx.Param)
+    pure = nnx.to_pure_dict(st)
+    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+    new = []
+    for kp, v in leaves:
+        key = _flat_key(name, kp)
+        if key not in flat or flat[key].shape != v.shape:
+            got = "missing" if key not in flat else f"shape {tuple(flat[key].shape)}"
+            raise error(f"{what} {key} ({got}, this run needs {tuple(v.shape)})")
+        new.append(jnp.asarray(flat[key], jnp.float32))
+    nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(pure),
+                                                              new))
+    nnx.update(mod, st)
+
+
+def warm_start(m: Models, gist_state, lens_state, path: str | Path):
+    """GistNet / LensNet states of this run's shapes, with the parameters of an exported
+    checkpoint (`init_from`): fine-tuning starts there, with a fresh optimiser."""
+    from safetensors.numpy import load_file
+
+    from mc_jax.errors import CorruptFileError
+
+    f = Path(path) / "networks.safetensors"
+    if not f.is_file():
+        raise ConfigError(f"init_from={path}: no networks.safetensors there (give a directory "
+                          "written by `mc-jax train --export` or `mc-jax fit-lens`)")
+    try:
+        flat = load_file(str(f))
+    except Exception as e:
+        raise CorruptFileError(f"{f}: checkpoint is damaged ({e})") from e
+    out = []
+    for name, graph, st in (("gist", m.gist_graph, gist_state), ("lens", m.lens_graph,
+                                                                  lens_state)):
+        mod = nnx.merge(graph, jax.tree.map(jnp.copy, st))  # leave the caller's state as it is
+        _fill_params(mod, name, flat, ConfigError,
+                     f"init_from={path} does not fit this config: parameter")
+        out.append(nnx.split(mod)[1])
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,6 +668,9 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
     total = steps if steps is not None else cfg.steps
     base_cfg, base_params, tok = load_frozen_base(cfg)
     m, gist_state, lens_state = build_models(cfg, base_cfg, base_params, tok)
+    if cfg.init_from:  # a resumed run's checkpoint then overrides it
+        gist_state, lens_state = warm_start(m, gist_state, lens_state, cfg.init_from)
+        log(f"GistNet and LensNet start from {cfg.init_from}")
     mesh = make_mesh(n_devices)
     if cfg.batch_size % mesh.size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of the "

@@ -37,6 +37,10 @@ class TrainConfig:
     # LOD1 gist (exactly what eval-gists measures); their horizon NLL, plus subst_kl_weight x KL
     # from the recent window's own predictions, trains GistNet where a gist's content matters
     n_subst: int = 0
+    # draw the substituted block among the newest `subst_recent` unprotected blocks only (0: any
+    # unprotected block of the window). Dropping a block costs the base most next to the horizon,
+    # so that is where a gist's content can show
+    subst_recent: int = 0
     subst_kl_weight: float = 1.0
     # content term on the substitution windows: hinge on NLL(gist of another block in the same
     # slot) - NLL(the right gist) >= content_margin (nats/token), weighted by content_weight
@@ -77,6 +81,9 @@ class TrainConfig:
     budget_weight: float = 0.1
     illegal_weight: float = 0.1
     delta_head_weight: float = 0.1
+    # warm start: an exported GistNet + LensNet directory (`--export`) of the same sizes; the
+    # optimiser starts fresh
+    init_from: str | None = None
     # bookkeeping
     seed: int = 0
     log_every: int = 1
@@ -95,6 +102,8 @@ class TrainConfig:
             raise ConfigError("n_subst > 0 needs an unprotected LOD0 block in the recent window "
                               f"(budget {self.budget} holds {self.budget // 32} blocks, "
                               f"{self.protect_blocks} protected)")
+        if self.subst_recent < 0:
+            raise ConfigError(f"subst_recent must be >= 0, got {self.subst_recent}")
         if self.content_weight > 0 and not self.n_subst:
             raise ConfigError("content_weight > 0 needs substitution windows (n_subst > 0)")
         if self.gist_reader_rank < 0:

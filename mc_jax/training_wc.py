@@ -113,10 +113,14 @@ def recent_window(cfg: PackConfig) -> jax.Array:
     return jnp.where(b >= cfg.seq_blocks - n_raw, 0, NOT_COVERED).astype(jnp.int32)
 
 
-def substitution_window(key, cfg: PackConfig) -> jax.Array:
-    """The recent window with one unprotected block, drawn uniformly, replaced by its LOD1 gist."""
+def substitution_window(key, cfg: PackConfig, recent: int = 0) -> jax.Array:
+    """The recent window with one unprotected block, drawn uniformly, replaced by its LOD1 gist.
+
+    recent > 0: draw among the newest `recent` unprotected blocks only."""
     n_raw = min(cfg.budget // cfg.block_size, cfg.seq_blocks)
     lo, hi = cfg.seq_blocks - n_raw, cfg.seq_blocks - cfg.protect_blocks
+    if recent > 0:
+        lo = max(lo, hi - recent)
     j = jax.random.randint(key, (), lo, max(hi, lo + 1))
     lv = recent_window(cfg)
     return jnp.where((jnp.arange(cfg.seq_blocks) == j) & (hi > lo), 1, lv).astype(jnp.int32)

@@ -219,3 +219,35 @@ def test_networks_export_round_trip(tmp_path, setup):
     assert info["steps"] == 0 and info["train_config"]["name"] == "tiny"
     for a, b in zip(jax.tree.leaves(nnx.state(gist, nnx.Param)), jax.tree.leaves(g)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_warm_starts_both_networks_and_rejects_a_checkpoint_of_other_sizes(tmp_path,
+                                                                                      setup):
+    """`init_from`: a run starts from an exported pair's parameters (a fresh optimiser); an
+    export of other sizes or a directory without one is refused with the reason."""
+    m, g, l, _ = setup
+    before = [np.asarray(v).copy() for v in jax.tree.leaves((g, l))]
+    bumped = jax.tree.map(lambda v: v + 0.25, (g, l))
+    train.export_networks(tmp_path / "src", m, train.init_state(m, *bumped), {"steps": 7},
+                          dtype="float32")
+    cfg = CFG.replace(init_from=str(tmp_path / "src"))
+    train.run(cfg, tmp_path / "run", steps=0, progress=False, export=tmp_path / "out")
+    gist, lens, info = train.load_networks(tmp_path / "out")
+    assert info["train_config"]["init_from"] == str(tmp_path / "src")
+    for mod, want in ((gist, bumped[0]), (lens, bumped[1])):
+        got = jax.tree.leaves(nnx.state(mod, nnx.Param))
+        assert len(got) == len(jax.tree.leaves(want))
+        for a, b in zip(got, jax.tree.leaves(want)):  # the run exports in bf16
+            np.testing.assert_array_equal(np.asarray(a),
+                                          np.asarray(b).astype(jnp.bfloat16).astype(np.float32))
+    g1, l1 = train.warm_start(m, g, l, tmp_path / "src")
+    for a, b in zip(jax.tree.leaves((g1, l1)), jax.tree.leaves(bumped)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves((g, l)), before):  # the caller's states are not touched
+        np.testing.assert_array_equal(np.asarray(a), b)
+    base_cfg, base_params, _ = train.load_frozen_base(CFG)
+    m2, g2, l2 = train.build_models(CFG.replace(gist_width=32), base_cfg, base_params)
+    with pytest.raises(train.ConfigError, match="does not fit this config: parameter gist/"):
+        train.warm_start(m2, g2, l2, tmp_path / "src")
+    with pytest.raises(train.ConfigError, match="no networks.safetensors"):
+        train.warm_start(m, g, l, tmp_path / "run")

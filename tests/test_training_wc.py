@@ -119,16 +119,21 @@ def test_recent_window_is_raw_and_truncates():
 
 
 @settings(max_examples=100 if SLOW else 20, deadline=None)
-@given(ci=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2 ** 31 - 1))
-def test_substitution_window_is_the_recent_window_with_one_unprotected_block_gisted(ci, seed):
+@given(ci=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2 ** 31 - 1),
+       newest=st.integers(0, 3))
+def test_substitution_window_is_the_recent_window_with_one_unprotected_block_gisted(ci, seed,
+                                                                                    newest):
+    """newest > 0 (subst_recent): the block is one of the newest `newest` unprotected blocks."""
     cfg = CONFIGS[ci]
-    level = np.asarray(twc.substitution_window(jax.random.PRNGKey(seed), cfg))
+    level = np.asarray(twc.substitution_window(jax.random.PRNGKey(seed), cfg, newest))
     recent = np.asarray(twc.recent_window(cfg))
     check_invariants(level, cfg, full_coverage=False)
     changed = np.flatnonzero(level != recent)
     n_raw = min(cfg.budget // K, cfg.seq_blocks)
+    hi = cfg.seq_blocks - cfg.protect_blocks
+    lo = cfg.seq_blocks - n_raw if newest == 0 else max(cfg.seq_blocks - n_raw, hi - newest)
     assert len(changed) == 1 and level[changed[0]] == 1
-    assert cfg.seq_blocks - n_raw <= changed[0] < cfg.seq_blocks - cfg.protect_blocks
+    assert lo <= changed[0] < hi
 
 
 @settings(max_examples=100 if SLOW else 20, deadline=None)
