@@ -122,12 +122,11 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
         levels = np.zeros((len(blocks), N), np.int32)
         for i, b0 in enumerate(blocks):
             levels[i, b0:b0 + span] = level
-        x, pos, _, valid = jax.vmap(lambda lv: twc.pack(lv, emb, tuple(gists), hor_emb, pc))(
-            jnp.asarray(levels))
-        if adapter is not None:
-            mask = jax.vmap(lambda lv: twc.gist_slots(lv, pc))(jnp.asarray(levels))
+        x, pos, _, valid, mask = twc.pack_many(jnp.asarray(levels), emb, tuple(gists), hor_emb,
+                                               pc)
     return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
-        hor, (x.shape[0], horizon)), C, None if mask is None else adapter, mask))
+        hor, (x.shape[0], horizon)), C, None if mask is None else adapter,
+        None if adapter is None else mask))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))

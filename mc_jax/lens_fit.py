@@ -89,10 +89,10 @@ def measure_fn(model, m: train.Models, gist_state):
         adapter = gist_model.reader_adapter()
         k1, k2 = jax.random.split(key)
         levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, M))
-        x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb, gists, hor_emb, pc))(levels)
+        x, pos, sig, valid, mask = twc.pack_many(levels, emb, gists, hor_emb, pc)
         nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
                                 jnp.broadcast_to(targets, (M, H)), adapter=adapter,
-                                adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels))
+                                adapt_BxP=mask)
         blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
                                                            hor_emb, targets, k2, m, adapter)
         out = dict(levels=levels, nll=nll, blocks=blocks, kinds=kinds, evalid=evalid,

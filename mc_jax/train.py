@@ -204,21 +204,17 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     S = cfg.n_subst
     wrong_rows = S if cfg.content_weight > 0 else 0
     n_rows = cfg.n_wc + 2 * S + wrong_rows
-    pack_fn = lambda lv, g: twc.pack(lv, emb_NxKxD, g, hor_emb, pc)  # noqa: E731
-    x, pos, sig, valid = jax.vmap(lambda lv: pack_fn(lv, gists))(levels)
+    x, pos, sig, valid, mask = twc.pack_many(levels, emb_NxKxD, gists, hor_emb, pc)
     if wrong_rows:
         # content control: the substitution windows again, with the gist of a block N/2 away in
         # the slot. Horizon NLL with the right gist must beat it: a placeholder that helps
         # whatever it encodes gains nothing here.
         wrong = (jnp.roll(gists[0], N // 2, axis=0),) + tuple(gists[1:])
-        packed = jax.vmap(lambda lv: pack_fn(lv, wrong))(subst)
-        x, pos, sig, valid = (jnp.concatenate([a, b]) for a, b in zip((x, pos, sig, valid),
-                                                                       packed))
-        levels_all = jnp.concatenate([levels, subst])
-    else:
-        levels_all = levels
+        packed = twc.pack_many(subst, emb_NxKxD, wrong, hor_emb, pc)
+        x, pos, sig, valid, mask = (jnp.concatenate([a, b]) for a, b in
+                                    zip((x, pos, sig, valid, mask), packed))
     tgt = jnp.broadcast_to(targets, (n_rows, H))
-    rd = dict(adapter=adapter, adapt_BxP=jax.vmap(lambda lv: twc.gist_slots(lv, pc))(levels_all))
+    rd = dict(adapter=adapter, adapt_BxP=mask)
     if cfg.kl_weight > 0 or cfg.n_subst:
         nll_wc, logits = horizon_nll(base_params, m, x, pos, sig, valid, tgt, return_logits=True,
                                      **rd)
@@ -312,9 +308,8 @@ def measure_edits(base_params, levels_MxN, gists, emb_NxKxD, hor_emb, targets, k
         jax.random.split(key, M), levels_MxN)
     edited = jax.vmap(lambda lv, bs, ks: jax.vmap(
         lambda b_, k_: twc.apply_edit(lv, b_, k_, pc))(bs, ks))(levels_MxN, blocks, kinds)
-    x, pos, sig, valid = jax.vmap(lambda lv: twc.pack(lv, emb_NxKxD, gists, hor_emb, pc))(
-        edited.reshape(M * E, N))
-    mask = jax.vmap(lambda lv: twc.gist_slots(lv, pc))(edited.reshape(M * E, N))
+    x, pos, sig, valid, mask = twc.pack_many(edited.reshape(M * E, N), emb_NxKxD, gists, hor_emb,
+                                             pc)
     nll_e = horizon_nll(base_params, m, x, pos, sig, valid,
                         jnp.broadcast_to(targets, (M * E, pc.horizon)), adapter=adapter,
                         adapt_BxP=mask).reshape(M, E)

@@ -315,6 +315,15 @@ def gist_slots(level_N: jax.Array, cfg: PackConfig) -> jax.Array:
     return jnp.zeros((P,), bool).at[jnp.where(is_gist, first_slot_N, P)].set(True, mode="drop")
 
 
+def pack_many(levels_BxN: jax.Array, tok_emb_NxKxD, gists: tuple, horizon_emb_HxD,
+              cfg: PackConfig):
+    """`pack` for a batch of level assignments of one sequence, plus each row's `gist_slots`:
+    (x, positions, sigma, valid, gist_mask), each with a leading batch axis."""
+    x, pos, sig, valid = jax.vmap(lambda lv: pack(lv, tok_emb_NxKxD, gists, horizon_emb_HxD,
+                                                  cfg))(levels_BxN)
+    return x, pos, sig, valid, jax.vmap(lambda lv: gist_slots(lv, cfg))(levels_BxN)
+
+
 def entry_features(level_N: jax.Array, gists: tuple, cfg: PackConfig):
     """LensNet inputs per block-slot (an entry lives on its first block).
 
