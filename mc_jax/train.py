@@ -168,6 +168,22 @@ def kl_from_teacher(t_logits, s_logits):
     return jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(s_logits, -1)), -1).mean()
 
 
+def gist_info_nce(g_NxD, e_NxD, temp: float):
+    """InfoNCE between the LOD1 gists of a sequence and their blocks' mean token embeddings:
+    each gist has to pick out its own block among the sequence's blocks (cosine of the
+    sequence-centred vectors / temp). Returns (loss, top-1 accuracy). A constant gist scores
+    log N; content that tells the blocks apart lowers it."""
+    def unit(v):
+        v = v - v.mean(0, keepdims=True)
+        return v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-6)
+
+    logits = unit(g_NxD) @ unit(e_NxD).T / temp
+    diag = jnp.diagonal(logits)
+    loss = jnp.mean(jax.nn.logsumexp(logits, -1) - diag)
+    top1 = jnp.mean((jnp.argmax(logits, -1) == jnp.arange(g_NxD.shape[0])).astype(jnp.float32))
+    return loss, top1
+
+
 def _pearson(a, b, mask):
     """Pearson correlation of two masked vectors (a cheap in-step telemetry figure)."""
     w = mask.astype(jnp.float32)
@@ -230,7 +246,10 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     target = cfg.gist_var_target * m.gist_cfg.embed_rms
     std_D = jnp.sqrt(jnp.var(g1, axis=0) + 1e-6)
     variance = jnp.mean(jax.nn.relu(target - std_D)) / target
+    info, info_top1 = gist_info_nce(g1, jax.lax.stop_gradient(emb_NxKxD.mean(1)),
+                                    cfg.gist_info_temp)
     metrics = {"nll_recent": nll_recent, "nll_mix": nll_mix.mean(),
+               "gist_info": info, "gist_info_top1": info_top1,
                "nll_gap": nll_mix.mean() - nll_recent, "contrastive": contrastive,
                "gist_std": jnp.mean(std_D) / m.gist_cfg.embed_rms, "gist_variance": variance,
                "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:cfg.n_wc]).mean()
@@ -255,6 +274,8 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
             metrics.update(content=content, subst_minus_wrong=nll_sub.mean() - nll_wrong.mean())
         if cfg.gist_var_weight > 0:
             gist_loss = gist_loss + cfg.gist_var_weight * variance
+        if cfg.gist_info_weight > 0:
+            gist_loss = gist_loss + cfg.gist_info_weight * info
         if cfg.kl_weight > 0:
             full = jnp.concatenate([ids, targets])[None]
             tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])

@@ -74,6 +74,12 @@ class TrainConfig:
     # from collapsing to one harmless constant vector, which the cosine hinge cannot undo
     gist_var_weight: float = 0.0
     gist_var_target: float = 0.5     # target per-channel std, as a fraction of the embedding RMS
+    # content kept in the gists themselves (no base forward): InfoNCE between each LOD1 gist and
+    # its block's mean token embedding among the sequence's blocks (`train.gist_info_nce`).
+    # Horizon losses alone drift GistNet towards content-free placeholders
+    # (experiments/gist_capacity/README.md)
+    gist_info_weight: float = 0.0
+    gist_info_temp: float = 0.1
     lens_weight: float = 1.0
     utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
     edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale

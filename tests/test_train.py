@@ -251,3 +251,39 @@ def test_init_from_warm_starts_both_networks_and_rejects_a_checkpoint_of_other_s
         train.warm_start(m2, g2, l2, tmp_path / "src")
     with pytest.raises(train.ConfigError, match="no networks.safetensors"):
         train.warm_start(m, g, l, tmp_path / "run")
+
+
+def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_apart(setup):
+    """gist_info_nce against a plain numpy InfoNCE; log N for a constant gist; near 0 and top-1
+    = 1 for gists that are their blocks' (centred) mean embeddings; in the loss with its weight."""
+    rng = np.random.default_rng(0)
+    N, D, t = 12, 16, 0.1
+    g, e = rng.normal(size=(N, D)), rng.normal(size=(N, D))
+
+    def ref(g, e):
+        u = lambda v: (v - v.mean(0)) / (np.linalg.norm(v - v.mean(0), axis=1, keepdims=True)  # noqa
+                                         + 1e-6)
+        lg = u(g) @ u(e).T / t
+        lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+        return (lse - np.diag(lg)).mean(), (lg.argmax(1) == np.arange(N)).mean()
+
+    for a, b in ((g, e), (e + 0.1 * g, e)):
+        got = train.gist_info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), t)
+        np.testing.assert_allclose([float(x) for x in got], ref(a, b), rtol=1e-4, atol=1e-5)
+    const, _ = train.gist_info_nce(jnp.ones((N, D)), jnp.asarray(e, jnp.float32), t)
+    np.testing.assert_allclose(float(const), np.log(N), rtol=1e-5)
+    own, top1 = train.gist_info_nce(jnp.asarray(e, jnp.float32), jnp.asarray(e, jnp.float32), t)
+    assert float(top1) == 1.0 and float(own) < 0.1
+    *_, base = setup
+    cfg = CFG.replace(phase="gist")
+    m, g0, l0 = train.build_models(cfg, bm.LlamaConfig.tiny(), base)
+    tokens = jnp.asarray(_batch(n=2))
+    f = lambda c, g_: train.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
+                                       jax.random.PRNGKey(0), train.Models(**{**m.__dict__,
+                                                                              "cfg": c}))
+    loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
+    c1 = cfg.replace(gist_info_weight=0.5)
+    loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
+    np.testing.assert_allclose(float(loss1 - loss0), 0.5 * float(met0["gist_info"]), rtol=1e-4)
+    grads = jax.jit(jax.grad(lambda g_: f(c1, g_)[0] - f(cfg, g_)[0]))(g0)
+    assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
