@@ -699,7 +699,10 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
     meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name}
     if resume and (workdir / "config.json").exists():
         saved = json.loads((workdir / "config.json").read_text())
-        diff = sorted(k for k, v in json.loads(cfg.to_json()).items() if saved.get(k) != v)
+        # a field added to TrainConfig after the run started counts as its default
+        defaults = json.loads(type(cfg)().to_json())
+        diff = sorted(k for k, v in json.loads(cfg.to_json()).items()
+                      if saved.get(k, defaults[k]) != v)
         if diff:
             raise ConfigError(f"--resume with a different config than {workdir}/config.json "
                               f"(differs in: {', '.join(diff)}); an exact resume needs the same "

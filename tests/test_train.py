@@ -287,3 +287,16 @@ def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_ap
     np.testing.assert_allclose(float(loss1 - loss0), 0.5 * float(met0["gist_info"]), rtol=1e-4)
     grads = jax.jit(jax.grad(lambda g_: f(c1, g_)[0] - f(cfg, g_)[0]))(g0)
     assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
+
+
+def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path, setup):
+    """A field added to TrainConfig later counts as its default in an older run's config.json;
+    a real difference is still refused."""
+    train.run(CFG, tmp_path, steps=2, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["gist_info_weight"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert train.run(CFG, tmp_path, steps=2, resume=True, progress=False)["steps"] == 2
+    with pytest.raises(train.ConfigError, match="differs in: gist_info_weight"):
+        train.run(CFG.replace(gist_info_weight=0.5), tmp_path, steps=2, resume=True,
+                  progress=False)
