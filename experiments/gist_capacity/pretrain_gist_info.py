@@ -1,6 +1,6 @@
 """Put block content back into a GistNet's gists, cheaply: GistNet alone (no base forward) trained
 on `train.gist_info_nce` (each LOD1 gist has to pick out its block's mean token embedding among the
-sequence's blocks) on the train split. The gist reader and LensNet are kept as they are. Stage 1
+sequence's blocks), optionally with the training's variance floor, on the train split. The gist reader and LensNet are kept as they are. Stage 1
 of a two-stage recipe; stage 2 is `mc-jax train --set init_from=OUT --set gist_info_weight=...`.
 
     .venv/bin/python experiments/gist_capacity/pretrain_gist_info.py \
@@ -31,6 +31,10 @@ ap.add_argument("--steps", type=int, default=600)
 ap.add_argument("--batch", type=int, default=4, help="2048-token windows per step")
 ap.add_argument("--lr", type=float, default=3e-3)
 ap.add_argument("--temp", type=float, default=0.1)
+ap.add_argument("--var-weight", type=float, default=0.0,
+                help="variance floor on the gists (as `gist_var_weight` in training). InfoNCE is "
+                "scale-free: without the floor the gists' spread shrinks to ~0.001 of the "
+                "embedding RMS; with it at 1.0 InfoNCE did not learn in 175 steps (README)")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--out", required=True)
 ap.add_argument("--metrics", default=None)
@@ -38,6 +42,7 @@ a = ap.parse_args()
 K, T = 32, 2048
 model = load_base(None)
 m, gist_state, lens_state, info = load_models(model, a.init, 1, 1)
+tcfg = TrainConfig(**info["train_config"])
 src = data.open_split("train", model.tokenizer)
 it = data.make_batch_iterator(src, data.WindowConfig(T, a.batch, seed=a.seed))
 held = [jnp.asarray(w) for w in _validation_windows(model.tokenizer, T, 8, 7, None)]
@@ -55,15 +60,20 @@ def info_loss(state, ids_BxT):
 
     def one(ids):
         e = bm.embed_tokens(model.params, ids).astype(jnp.float32).reshape(T // K, K, -1)
-        return train.gist_info_nce(g(1, e), e.mean(1), a.temp)
+        g1 = g(1, e)
+        info, top1 = train.gist_info_nce(g1, e.mean(1), a.temp)
+        target = tcfg.gist_var_target * m.gist_cfg.embed_rms
+        std_D = jnp.sqrt(jnp.var(g1, axis=0) + 1e-6)
+        var = jnp.mean(jax.nn.relu(target - std_D)) / target
+        return info + a.var_weight * var, top1, jnp.mean(std_D) / m.gist_cfg.embed_rms
 
-    loss, top1 = jax.vmap(one)(ids_BxT)
-    return loss.mean(), top1.mean()
+    loss, top1, spread = jax.vmap(one)(ids_BxT)
+    return loss.mean(), (top1.mean(), spread.mean())
 
 
 @jax.jit
 def step(state, o, ids):
-    (loss, top1), gr = jax.value_and_grad(info_loss, has_aux=True)(state, ids)
+    (loss, (top1, _)), gr = jax.value_and_grad(info_loss, has_aux=True)(state, ids)
     u, o = opt.update(gr, o, state)
     return optax.apply_updates(state, u), o, loss, top1
 
@@ -75,16 +85,18 @@ for i in tqdm(range(a.steps), desc="gist info pretrain"):
     gist_state, opt_state, loss, top1 = step(gist_state, opt_state,
                                              jnp.asarray(next(it)["tokens"]))
     if i % 25 == 0 or i == a.steps - 1:
-        hl, ht = heldout(gist_state)
+        hl, (ht, hs) = heldout(gist_state)
         row = dict(step=i + 1, loss=float(loss), top1=float(top1), heldout_loss=float(hl),
-                   heldout_top1=float(ht), seconds=round(time.time() - t0, 1))
+                   heldout_top1=float(ht), heldout_gist_std=float(hs),
+                   seconds=round(time.time() - t0, 1))
         tqdm.write(json.dumps(row))
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
 meta = {k: v for k, v in info.items() if k not in ("train_config", "gist_config", "lens_config",
                                                     "dtype")}
-meta["gist_info_pretrain"] = dict(vars(a), heldout_loss=float(hl), heldout_top1=float(ht))
+meta["gist_info_pretrain"] = dict(vars(a), heldout_loss=float(hl), heldout_top1=float(ht),
+                                  heldout_gist_std=float(hs))
 m_orig = train.Models(**{**m.__dict__, "cfg": TrainConfig(**info["train_config"])})
 train.export_networks(Path(a.out), m_orig, train.TrainState(
     step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
