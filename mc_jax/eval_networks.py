@@ -105,7 +105,6 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
         n2 = N // K
         gists.append(gist_model(2, g1[: n2 * K].reshape(n2, K, -1)))
     span = 1 if level == 1 else K
-    mask = None  # gist slots, where the reader applies (none when dropping)
     if drop:
         # the node is simply absent: a raw WC of the remaining blocks, in order (compact positions)
         xs = []
@@ -118,15 +117,16 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
             pos = jnp.where(valid, jnp.arange(C + horizon) - pad, 0).astype(jnp.float32)
             xs.append((x, pos, valid))
         x, pos, valid = (jnp.stack(v) for v in zip(*xs))
+        adapter = mask = None  # no gist slot, so no reader
     else:
         levels = np.zeros((len(blocks), N), np.int32)
         for i, b0 in enumerate(blocks):
             levels[i, b0:b0 + span] = level
         x, pos, _, valid, mask = twc.pack_many(jnp.asarray(levels), emb, tuple(gists), hor_emb,
                                                pc)
+        mask = None if adapter is None else mask  # one compiled variant per reader / no reader
     return np.asarray(_packed_nll(base, base_cfg, x, pos, valid, jnp.broadcast_to(
-        hor, (x.shape[0], horizon)), C, None if mask is None else adapter,
-        None if adapter is None else mask))
+        hor, (x.shape[0], horizon)), C, adapter, mask))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))

@@ -168,6 +168,15 @@ def kl_from_teacher(t_logits, s_logits):
     return jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(s_logits, -1)), -1).mean()
 
 
+def gist_variance_floor(g_NxD, target_frac: float, embed_rms: float):
+    """VICReg-style floor on the gists' per-channel std across a sequence's blocks: (mean hinge
+    relu(target - std) / target, with target = target_frac x embed_rms; the spread, mean std /
+    embed_rms)."""
+    target = target_frac * embed_rms
+    std_D = jnp.sqrt(jnp.var(g_NxD, axis=0) + 1e-6)
+    return jnp.mean(jax.nn.relu(target - std_D)) / target, jnp.mean(std_D) / embed_rms
+
+
 def gist_info_nce(g_NxD, e_NxD, temp: float):
     """InfoNCE between the LOD1 gists of a sequence and their blocks' mean token embeddings:
     each gist has to pick out its own block among the sequence's blocks (cosine of the
@@ -243,15 +252,13 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
     g1n = g1 / (jnp.linalg.norm(g1, axis=-1, keepdims=True) + 1e-6)
     cos = jnp.sum(g1n[1:] * g1n[:-1], axis=-1)
     contrastive = jnp.mean(jax.nn.relu(cos - cfg.contrastive_margin)) if N > 1 else 0.0
-    target = cfg.gist_var_target * m.gist_cfg.embed_rms
-    std_D = jnp.sqrt(jnp.var(g1, axis=0) + 1e-6)
-    variance = jnp.mean(jax.nn.relu(target - std_D)) / target
+    variance, spread = gist_variance_floor(g1, cfg.gist_var_target, m.gist_cfg.embed_rms)
     info, info_top1 = gist_info_nce(g1, jax.lax.stop_gradient(emb_NxKxD.mean(1)),
                                     cfg.gist_info_temp)
     metrics = {"nll_recent": nll_recent, "nll_mix": nll_mix.mean(),
                "gist_info": info, "gist_info_top1": info_top1,
                "nll_gap": nll_mix.mean() - nll_recent, "contrastive": contrastive,
-               "gist_std": jnp.mean(std_D) / m.gist_cfg.embed_rms, "gist_variance": variance,
+               "gist_std": spread, "gist_variance": variance,
                "wc_cost": jax.vmap(lambda lv: twc.wc_cost(lv, pc))(levels[1:cfg.n_wc]).mean()
                .astype(jnp.float32)}
     loss = jnp.float32(0.0)

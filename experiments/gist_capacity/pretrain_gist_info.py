@@ -62,10 +62,8 @@ def info_loss(state, ids_BxT):
         e = bm.embed_tokens(model.params, ids).astype(jnp.float32).reshape(T // K, K, -1)
         g1 = g(1, e)
         info, top1 = train.gist_info_nce(g1, e.mean(1), a.temp)
-        target = tcfg.gist_var_target * m.gist_cfg.embed_rms
-        std_D = jnp.sqrt(jnp.var(g1, axis=0) + 1e-6)
-        var = jnp.mean(jax.nn.relu(target - std_D)) / target
-        return info + a.var_weight * var, top1, jnp.mean(std_D) / m.gist_cfg.embed_rms
+        var, spread = train.gist_variance_floor(g1, tcfg.gist_var_target, m.gist_cfg.embed_rms)
+        return info + a.var_weight * var, top1, spread
 
     loss, top1, spread = jax.vmap(one)(ids_BxT)
     return loss.mean(), (top1.mean(), spread.mean())

@@ -85,7 +85,7 @@ for ck in a.checkpoint or ["shipped"]:
     gist, _, info = load_networks(path, m.cfg)
     variants = _gist_variants(gist)
     for k in ("gistnet", "untrained", "meanpool"):
-        if k != "gistnet" and f"{k}" in res["probes"]:
+        if k in res["probes"]:  # the baselines are the same for every checkpoint
             continue
         g = variants[k]
         f = jax.jit(lambda x, g=g: g(1, x))
