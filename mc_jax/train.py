@@ -193,6 +193,34 @@ def gist_info_nce(g_NxD, e_NxD, temp: float):
     return loss, top1
 
 
+def gist_recon_nll(base_params, base_cfg: bm.LlamaConfig, gists_BxD, prefix_BxPxD, block_BxKxD,
+                   targets_BxK, adapter=None, with_gist: bool = True):
+    """Autoencoding through the frozen base: [B, K] NLL of each block's tokens, each row laid out
+    as [prefix P token embeddings][gist][the block's K token embeddings] at compact positions
+    0..P+K; the logit at the gist slot predicts the block's first token. The prefix (the end of
+    the block before) keeps the gist off position 0, which the base uses as an attention sink.
+    with_gist=False drops the gist slot: [prefix][block], the no-gist reference.
+    adapter: the gist reader, applied at the gist slot only."""
+    P, K = prefix_BxPxD.shape[1], block_BxKxD.shape[1]
+    B = block_BxKxD.shape[0]
+    if with_gist:
+        x = jnp.concatenate([prefix_BxPxD, gists_BxD[:, None].astype(prefix_BxPxD.dtype),
+                             block_BxKxD], 1)
+        first = P
+    else:
+        x, first, adapter = jnp.concatenate([prefix_BxPxD, block_BxKxD], 1), P - 1, None
+    L = x.shape[1]
+    kw = {}
+    if adapter is not None:
+        kw = dict(adapter=adapter, adapt_BxT=jnp.zeros((B, L), bool).at[:, P].set(True))
+    h, _ = bm.forward(base_params, base_cfg, x.astype(base_params["embed"].dtype),
+                      jnp.broadcast_to(jnp.arange(L), (B, L)), return_hidden=True, **kw)
+    head = base_params["embed"].T if base_cfg.tie_embeddings else base_params["lm_head"]
+    logits = jnp.einsum("bkd,dv->bkv", h[:, first:first + K], head.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    return bm.token_nll(logits, targets_BxK)
+
+
 def _pearson(a, b, mask):
     """Pearson correlation of two masked vectors (a cheap in-step telemetry figure)."""
     w = mask.astype(jnp.float32)
@@ -283,6 +311,22 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
             gist_loss = gist_loss + cfg.gist_var_weight * variance
         if cfg.gist_info_weight > 0:
             gist_loss = gist_loss + cfg.gist_info_weight * info
+        if cfg.recon_weight > 0:
+            # own key, so the other draws are those of a run without the term
+            R, P = cfg.recon_blocks, cfg.recon_prefix
+            rb = jax.random.choice(jax.random.fold_in(key, 0x5EC), jnp.arange(1, N), (R,),
+                                   replace=False)
+            g_rows = gists[0][rb]
+            # the same rows with another sampled block's gist: content telemetry and hinge
+            g_both = jnp.concatenate([g_rows, jnp.roll(g_rows, 1, axis=0)])
+            rb2 = jnp.concatenate([rb, rb])
+            nll_r = gist_recon_nll(base_params, m.base_cfg, g_both, emb_NxKxD[rb2 - 1, K - P:],
+                                   emb_NxKxD[rb2], ids.reshape(N, K)[rb2], adapter).mean(-1)
+            right, wrong = nll_r[:R], nll_r[R:]
+            recon_hinge = jnp.mean(jax.nn.relu(cfg.recon_margin - (wrong - right)))
+            gist_loss = gist_loss + cfg.recon_weight * (right.mean()
+                                                        + cfg.recon_content_weight * recon_hinge)
+            metrics.update(recon=right.mean(), recon_minus_wrong=right.mean() - wrong.mean())
         if cfg.kl_weight > 0:
             full = jnp.concatenate([ids, targets])[None]
             tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])

@@ -80,6 +80,17 @@ class TrainConfig:
     # (experiments/gist_capacity/README.md)
     gist_info_weight: float = 0.0
     gist_info_temp: float = 0.1
+    # autoencoding through the frozen base (`train.gist_recon_nll`): recon_blocks blocks per
+    # sequence are laid out as [last recon_prefix tokens of the block before][gist][the block]
+    # and the base's NLL of the block's tokens is added with recon_weight. It has no placeholder
+    # optimum: a gist that does not carry its block does not lower it. The same rows with
+    # another block's gist give `recon_minus_wrong` (content telemetry) and a hinge
+    # relu(recon_margin - (NLL(wrong) - NLL(right))) weighted by recon_content_weight
+    recon_weight: float = 0.0
+    recon_blocks: int = 8
+    recon_prefix: int = 8
+    recon_content_weight: float = 0.0
+    recon_margin: float = 0.1
     lens_weight: float = 1.0
     utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
     edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale
@@ -112,6 +123,15 @@ class TrainConfig:
             raise ConfigError(f"subst_recent must be >= 0, got {self.subst_recent}")
         if self.content_weight > 0 and not self.n_subst:
             raise ConfigError("content_weight > 0 needs substitution windows (n_subst > 0)")
+        if self.recon_weight > 0:
+            if not 2 <= self.recon_blocks < self.seq_len // 32:
+                raise ConfigError(f"recon_blocks must be in [2, {self.seq_len // 32 - 1}] (blocks "
+                                  f"after the first of seq_len {self.seq_len}), got "
+                                  f"{self.recon_blocks}")
+            if not 1 <= self.recon_prefix <= 32:
+                raise ConfigError(f"recon_prefix must be in [1, 32], got {self.recon_prefix}")
+        if self.recon_content_weight > 0 and not self.recon_weight > 0:
+            raise ConfigError("recon_content_weight > 0 needs recon_weight > 0")
         if self.gist_reader_rank < 0:
             raise ConfigError(f"gist_reader_rank must be >= 0, got {self.gist_reader_rank}")
         if self.n_wc < 2:

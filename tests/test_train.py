@@ -300,3 +300,63 @@ def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path, setu
     with pytest.raises(train.ConfigError, match="differs in: gist_info_weight"):
         train.run(CFG.replace(gist_info_weight=0.5), tmp_path, steps=2, resume=True,
                   progress=False)
+
+
+def test_gist_recon_reads_each_block_back_after_its_gist(setup):
+    """gist_recon_nll on a constructed example: with attention switched off (wo = 0) each logit
+    depends on its own input only, so the gist slot alone must predict the block's first token and
+    token j-1 alone token j; without the gist the prefix's last token predicts the first one.
+    In the train step the term enters with its weight, leaves every other draw and figure
+    unchanged, and has a gradient into GistNet; bad settings are refused by name."""
+    *_, base = setup
+    base_cfg = bm.LlamaConfig.tiny()
+    blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
+    rng = np.random.default_rng(1)
+    B, P_, K = 3, 4, 32
+    ids = jnp.asarray(rng.integers(0, base_cfg.vocab_size, (B, P_ + K)), jnp.int32)
+    emb = bm.embed_tokens(blind, ids).astype(jnp.float32)
+    gists = jnp.asarray(rng.normal(size=(B, base_cfg.d_model)), jnp.float32)
+    targets = ids[:, P_:]
+    got = train.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets)
+    got_none = train.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets,
+                                    with_gist=False)
+
+    def alone(x_D, target):  # NLL of `target` from one input at position 0 (wo = 0: no context)
+        lg, _ = bm.forward(blind, base_cfg, x_D[None, None], jnp.zeros((1, 1), jnp.int32))
+        return float(bm.token_nll(lg, jnp.asarray([[target]]))[0, 0])
+
+    for b in range(B):
+        want = [alone(gists[b], int(targets[b, 0]))] + [
+            alone(emb[b, P_ + j - 1], int(targets[b, j])) for j in range(1, K)]
+        np.testing.assert_allclose(np.asarray(got[b]), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(float(got_none[b, 0]), alone(emb[b, P_ - 1],
+                                                                int(targets[b, 0])), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(got_none[b, 1:]), want[1:], rtol=1e-4, atol=1e-4)
+
+    cfg = CFG.replace(phase="gist")
+    m, g0, l0 = train.build_models(cfg, base_cfg, base)
+    tokens = jnp.asarray(_batch(n=2))
+    f = lambda c, g_: train.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
+                                       jax.random.PRNGKey(0), train.Models(**{**m.__dict__,
+                                                                              "cfg": c}))
+    loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
+    c1 = cfg.replace(recon_weight=0.5, recon_blocks=4, recon_prefix=8)
+    loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
+    np.testing.assert_allclose(float(loss1 - loss0), 0.5 * float(met1["recon"]), rtol=1e-4)
+    for k in met0:
+        np.testing.assert_allclose(float(met1[k]), float(met0[k]), rtol=1e-5, atol=1e-6,
+                                   err_msg=k) if k not in ("loss", "gist_loss") else None
+    assert np.isfinite(float(met1["recon"])) and float(met1["recon"]) > 0
+    assert abs(float(met1["recon_minus_wrong"])) > 0  # another block's gist is another input
+    grads = jax.jit(jax.grad(lambda g_: f(c1, g_)[0] - f(cfg, g_)[0]))(g0)
+    assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
+    c2 = c1.replace(recon_content_weight=1.0, recon_margin=10.0)  # hinge always active
+    loss2, met2 = jax.jit(lambda g_: f(c2, g_))(g0)
+    np.testing.assert_allclose(float(loss2 - loss1),
+                               0.5 * (10.0 + float(met1["recon_minus_wrong"])), rtol=1e-3)
+    for bad, name in ((dict(recon_blocks=1), "recon_blocks"), (dict(recon_prefix=0), "recon_prefix"),
+                      (dict(recon_blocks=CFG.seq_len // 32), "recon_blocks")):
+        with pytest.raises(Exception, match=name):
+            CFG.replace(recon_weight=1.0, **bad)
+    with pytest.raises(Exception, match="recon_weight"):
+        CFG.replace(recon_content_weight=1.0)
