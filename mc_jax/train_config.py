@@ -82,8 +82,9 @@ class TrainConfig:
     gist_info_temp: float = 0.1
     # autoencoding through the frozen base (`train.gist_recon_nll`): recon_blocks blocks per
     # sequence are laid out as [last recon_prefix tokens of the block before][gist][the block]
-    # and the base's NLL of the block's tokens is added with recon_weight. It has no placeholder
-    # optimum: a gist that does not carry its block does not lower it. The same rows with
+    # and the base's NLL of the block's tokens is added with recon_weight. Meant as a loss with
+    # no placeholder optimum; measured on CPU it too taught mostly a content-free gain
+    # (experiments/gist_capacity/README.md, fifth session). The same rows with
     # another block's gist give `recon_minus_wrong` (content telemetry) and a hinge
     # relu(recon_margin - (NLL(wrong) - NLL(right))) weighted by recon_content_weight
     recon_weight: float = 0.0
