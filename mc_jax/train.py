@@ -210,14 +210,10 @@ def gist_recon_nll(base_params, base_cfg: bm.LlamaConfig, gists_BxD, prefix_BxPx
     else:
         x, first, adapter = jnp.concatenate([prefix_BxPxD, block_BxKxD], 1), P - 1, None
     L = x.shape[1]
-    kw = {}
-    if adapter is not None:
-        kw = dict(adapter=adapter, adapt_BxT=jnp.zeros((B, L), bool).at[:, P].set(True))
-    h, _ = bm.forward(base_params, base_cfg, x.astype(base_params["embed"].dtype),
-                      jnp.broadcast_to(jnp.arange(L), (B, L)), return_hidden=True, **kw)
-    head = base_params["embed"].T if base_cfg.tie_embeddings else base_params["lm_head"]
-    logits = jnp.einsum("bkd,dv->bkv", h[:, first:first + K], head.astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    adapt = None if adapter is None else jnp.zeros((B, L), bool).at[:, P].set(True)
+    # the K rows from `first` on, through the output head only (as for a WC of first + 1 slots)
+    logits = packed_logits(base_params, base_cfg, x, jnp.broadcast_to(jnp.arange(L), (B, L)),
+                           jnp.ones((B, L), bool), first + 1, K, adapter=adapter, adapt_BxP=adapt)
     return bm.token_nll(logits, targets_BxK)
 
 
