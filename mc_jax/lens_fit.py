@@ -23,6 +23,7 @@ Letters: M mixtures per window, E edits per mixture, N blocks, D d_model, B wind
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -103,14 +104,67 @@ def measure_fn(model, m: train.Models, gist_state):
     return one
 
 
+MANIFEST = "labels_manifest.json"
+
+
+def gist_fingerprint(gist_state) -> str:
+    """sha256 over GistNet's parameter arrays (names, dtypes, shapes, bytes): which GistNet the
+    cached gists and utilities in a label shard were measured with."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(gist_state),
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def check_manifest(workdir: Path, manifest: dict, log=print) -> None:
+    """Label shards are only reused with the settings they were measured with.
+
+    workdir/labels_manifest.json records the GistNet fingerprint, base and window/edit settings
+    of the shards there. A run with other settings is refused by name (its shards would mix two
+    GistNets' gists and utilities silently) and nothing is deleted. Shards older than the
+    manifest are adopted with a log line.
+    """
+    path = workdir / MANIFEST
+    manifest = json.loads(json.dumps(manifest))  # the JSON view, so tuples compare as lists
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise McJaxError(f"{path} cannot be read ({e}); delete it only if the label shards "
+                             "beside it were measured with this checkpoint and settings") from e
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in manifest.items()
+                if old.get(k) != v]
+        if diff:
+            raise McJaxError(f"the label shards in {workdir} were measured with other settings "
+                             f"({'; '.join(diff)}); use a fresh --workdir, or delete its "
+                             f"labels_*.npz and {MANIFEST} to measure again")
+        return
+    old_shards = sorted(workdir.glob("labels_*.npz"))
+    if old_shards:
+        log(f"[fit-lens] {len(old_shards)} label shards in {workdir} predate {MANIFEST}; "
+            "adopting them as measured with these settings")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int = 8,
-            seed: int = 0, data_dir=None, progress: bool = True, log=print) -> list[Path]:
-    """Measure labels for n_windows training windows into workdir/labels_XXXX.npz (resumable)."""
+            seed: int = 0, data_dir=None, progress: bool = True, log=print,
+            base_id: str = "") -> list[Path]:
+    """Measure labels for n_windows training windows into workdir/labels_XXXX.npz (resumable;
+    shards measured with another GistNet or other settings are refused, see check_manifest)."""
     from tqdm import tqdm
 
     from mc_jax import data
 
     pc = m.pack
+    check_manifest(workdir, dict(
+        gist_sha256=gist_fingerprint(gist_state), base=base_id, seq_len=pc.seq_len,
+        horizon=pc.horizon, mixtures=m.cfg.n_wc - 1, edits=m.cfg.n_edits, shard=shard,
+        seed=seed, data_dir=None if data_dir is None else str(data_dir)), log=log)
     one = measure_fn(model, m, gist_state)
     src = data.open_split("train", model.tokenizer, data_dir=data_dir)
     n_shards = -(-n_windows // shard)
@@ -243,7 +297,7 @@ def fit_lens_cli(args) -> int:
     m, gist_state, _, info = load_models(model, ckpt, args.mixtures, args.edits)
     paths = collect(model, m, gist_state, workdir, args.windows, shard=args.shard,
                     seed=args.seed, data_dir=args.data_dir, progress=not args.no_progress,
-                    log=log)
+                    log=log, base_id=str(info.get("base", "")))
     labels = load_labels(paths)
     m, lens_state, summary = fit(m, labels, steps=args.steps, batch=args.batch, lr=args.lr,
                                  val_frac=args.val_frac, seed=args.seed, workdir=workdir,

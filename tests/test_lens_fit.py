@@ -57,3 +57,26 @@ def test_a_damaged_label_shard_is_named(tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(McJaxError, match="labels_0000.npz"):
         lens_fit.load_labels([bad])
+
+
+def test_label_shards_of_another_gistnet_or_setting_are_refused(measured, tmp_path):
+    m, gist_state, _ = measured
+    fp = lens_fit.gist_fingerprint(gist_state)
+    other = jax.tree.map(lambda a: a + 1e-3 if a.dtype == jnp.float32 else a, gist_state)
+    assert lens_fit.gist_fingerprint(other) != fp
+    base = dict(gist_sha256=fp, base="tiny", seq_len=256, horizon=16, mixtures=2, edits=4,
+                shard=8, seed=0, data_dir=None)
+    shard = tmp_path / "labels_0000.npz"
+    np.savez(shard, x=np.zeros(3))
+    logs = []
+    lens_fit.check_manifest(tmp_path, base, log=logs.append)  # older shards are adopted, said
+    assert len(logs) == 1 and "predate" in logs[0]
+    lens_fit.check_manifest(tmp_path, dict(base), log=logs.append)  # same settings: reused
+    assert len(logs) == 1
+    for key, value in [("gist_sha256", lens_fit.gist_fingerprint(other)), ("edits", 8)]:
+        with pytest.raises(McJaxError, match=key):
+            lens_fit.check_manifest(tmp_path, dict(base, **{key: value}))
+    assert shard.exists()  # nothing measured is lost
+    (tmp_path / lens_fit.MANIFEST).write_text("{not json")
+    with pytest.raises(McJaxError, match="labels_manifest.json"):
+        lens_fit.check_manifest(tmp_path, base)
