@@ -59,3 +59,21 @@ def test_spearman():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=200), rng.normal(size=200)
     assert abs(spearman(x, y)) < 0.2
+
+
+def test_window_bootstrap_is_wider_when_a_windows_edits_move_together():
+    from mc_jax.eval_networks import bootstrap_spearman
+
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(12), 16)  # 12 windows x 16 edits, like eval-lens --docs 12
+    shared = rng.normal(size=12)[g]  # a window-level effect in both score and utility
+    u, d = shared + 0.5 * rng.normal(size=g.size), shared + 0.5 * rng.normal(size=g.size)
+    lo_e, hi_e = bootstrap_spearman(u, d, seed=0)
+    lo_w, hi_w = bootstrap_spearman(u, d, g, seed=0)
+    assert lo_e < spearman(u, d) < hi_e and lo_w < spearman(u, d) < hi_w
+    assert hi_w - lo_w > 1.5 * (hi_e - lo_e)
+    # independent edits: grouping them changes the interval little
+    u, d = rng.normal(size=g.size), rng.normal(size=g.size)
+    we = np.subtract(*bootstrap_spearman(u, d, seed=0)[::-1])
+    ww = np.subtract(*bootstrap_spearman(u, d, g, seed=0)[::-1])
+    assert 0.4 < ww / we < 1.6  # (12 groups: the grouped interval is itself noisy)
