@@ -512,7 +512,7 @@ def ingest_blocks(rt: Runtime, params, nets, state: DecodeState, ids_NxK, valid_
     return jax.lax.scan(one, state, (ids_NxK, valid_N))
 
 
-TRACES = {"step": 0, "ingest": 0, "sync": 0}
+TRACES = {"step": 0, "ingest": 0, "sync": 0, "oracle": 0}
 
 
 @functools.partial(jax.jit, static_argnames=("rt", "teacher"), donate_argnames=("state",))
@@ -746,6 +746,125 @@ class MegaContextPolicy:
         return dict(self._stats)
 
 
+# ---------------------------------------------------------------------------------------------
+# oracle focus: the best single expansion, found by measuring every candidate on the scored block
+
+
+def oracle_wc(wc: wcm.WorkingContext, e, wcfg: wcm.WCConfig, incoming: int = 32):
+    """The WC with entry e expanded (LOD1 -> its raw block; LOD2 -> its K LOD1 gists), after
+    collapsing the oldest collapsible raw blocks that the expansion needs room for (at most two;
+    room means cost + K - 1 + incoming <= W). Collapsing a raw block keeps the entry count, so e
+    still names the same entry. -> (wc, ok); ok False (wc unchanged apart from those collapses)
+    when e is not expandable or no room can be made."""
+    K = wcfg.block_size
+
+    def collapse_oldest(_, w):
+        need = w.total_cost() + (K - 1) + incoming > wcfg.w_max
+        cb = wcm.collapsible_block(w, wcfg)
+        out, _ = wcm.splice(w, jnp.where(need & jnp.any(cb), wcm.COLLAPSE, 0), jnp.argmax(cb),
+                            wcfg, fresh_age=0)
+        return out
+
+    ok = wcm.expandable(wc, wcfg)[e]
+    wc2 = jax.lax.fori_loop(0, 2, collapse_oldest, wc)
+    ok = ok & (wc2.total_cost() + (K - 1) + incoming <= wcfg.w_max)
+    out, _ = wcm.splice(wc2, jnp.where(ok, wcm.EXPAND, 0), e, wcfg, fresh_age=0)
+    return out, ok
+
+
+def block_nll_under(rt: Runtime, params, state: DecodeState, wc, ids_K):
+    """Teacher-forced NLL [K] of the block ids_K right after the working context `wc` (over the
+    state's tree): one uncached forward of [materialised wc || block], the block at slots
+    [S, S + K) with positions continuing the WC's. With wc = state.wc this is what `block_step`
+    computes through the cache."""
+    S, K = rt.cfg.cache_slots, rt.cfg.block_size
+    st = state.replace(wc=wc)
+    x, pos, sigma, valid, key, next_pos = _materialised_inputs(rt, params, st)
+    emb = bm.embed_tokens(params, ids_K).astype(x.dtype)
+    x = jnp.concatenate([x, emb])
+    pos = jnp.concatenate([pos, next_pos + jnp.arange(K, dtype=pos.dtype)])
+    valid = jnp.concatenate([valid, jnp.ones((K,), bool)])
+    gist = jnp.concatenate([gist_slots_of(key), jnp.zeros((K,), bool)])
+    if sigma is not None:
+        sigma = jnp.concatenate([sigma, jnp.zeros((K,), sigma.dtype)])[None]
+    h, _ = bm.forward(params, rt.base_cfg, x[None], pos[None], valid_BxT=valid[None],
+                      sigma_BxT=sigma, return_hidden=True, adapter=params.get("gist_reader"),
+                      adapt_BxT=gist[None])
+    last = jnp.clip(wc.total_cost() - 1, 0, S - 1)  # the last WC slot predicts token 0
+    rows_KxD = jnp.concatenate([h[0, last][None], h[0, S:S + K - 1]])
+    logits_KxV = jax.vmap(lambda r: _head(params, rt.base_cfg, r))(rows_KxD)
+    return bm.token_nll(logits_KxV[None], ids_K[None])[0]
+
+
+@functools.partial(jax.jit, static_argnames=("rt",))
+def jit_oracle_candidate(rt, params, state, ids_K, e):
+    """(NLL [K] of ids_K after the WC with entry e expanded, ok, that WC)."""
+    TRACES["oracle"] += 1
+    wc, ok = oracle_wc(state.wc, e, rt.cfg.wcfg, incoming=rt.cfg.block_size)
+    return block_nll_under(rt, params, state, wc, ids_K), ok, wc
+
+
+class OraclePolicy:
+    """The evaluator's `oracle`: an upper bound for one expansion per block (SPEC section 4).
+
+    Before each scored block, on the recency policy's WC: every expandable entry is expanded in
+    turn (`oracle_wc`: the oldest raw blocks are collapsed first when room is needed), the
+    block's NLL under each candidate WC is measured with the frozen base (`block_nll_under`),
+    and the block is scored under the best of them or under the unchanged WC, whichever has
+    the lower mean NLL. It reads the tokens it scores, so it bounds what a LensNet choosing one
+    expansion per block could gain; it is not a runnable policy. The choice is not carried to
+    the next block (the WC returns to recency), and `answer` is not applicable. Cost: one
+    forward of W + K tokens per expandable entry per scored block.
+    """
+
+    def __init__(self, base_model, budget, gist_model, **kw):
+        self.name, self.budget, self.model = "oracle", int(budget), base_model
+        self._inner = MegaContextPolicy("oracle", base_model, budget, gist_model, None,
+                                        "recency", **kw)
+        self._stats = {"blocks": 0, "candidates": 0, "expanded": 0, "gain_nats": 0.0}
+
+    def nll_stream(self, ids_N, blocks: Sequence[int] | None = None) -> np.ndarray:
+        from mc_jax.policies import check_blocks
+
+        ids = bm.check_token_ids(ids_N, self.model.cfg).reshape(-1)
+        blocks = check_blocks(ids, blocks)
+        if not blocks:
+            return np.zeros((0, 32), np.float32)
+        s = self._inner._session(len(ids))
+        out: dict[int, np.ndarray] = {}
+        b = 0
+        for w in sorted(set(blocks)):
+            if w > b:
+                s.ingest(ids[32 * b:32 * w])
+            blk = jnp.asarray(ids[32 * w:32 * w + 32])
+            cands = np.flatnonzero(np.asarray(wcm.expandable(s.state.wc, s.cfg.wcfg)))
+            best = None
+            for e in cands:
+                nll, ok, _ = jit_oracle_candidate(s.rt, s.params, s.state, blk, jnp.int32(e))
+                nll = np.asarray(nll, np.float32)
+                if bool(ok) and (best is None or nll.mean() < best.mean()):
+                    best = nll
+            info = s.step(np.asarray(blk), teacher=True)  # the unchanged WC, and the next state
+            base = np.asarray(info.nll_K, np.float32)
+            pick = best is not None and best.mean() < base.mean()
+            out[w] = best if pick else base
+            self._stats["blocks"] += 1
+            self._stats["candidates"] += len(cands)
+            self._stats["expanded"] += int(pick)
+            self._stats["gain_nats"] += float(base.sum() - out[w].sum())
+            b = w + 1
+        return np.stack([out[w] for w in blocks])
+
+    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+        from mc_jax.policies import NotApplicable
+
+        raise NotApplicable("the oracle picks its focus by the NLL of the tokens it scores; it "
+                            "does not know an answer's tokens in advance")
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+
 @functools.partial(jax.jit, static_argnames=("rt",))
 def _wc_inputs(rt, params, state):
     x, pos, sigma, valid, key, next_pos = _materialised_inputs(rt, params, state)
@@ -849,13 +968,11 @@ def make_policy(name: str, base_model, budget: int, checkpoint=None, **kw):
     recency: GistNet gists (trained; MissingResourceError without them), recency focus.
     meanpool: mean-pool gists (no training needed), recency focus.
     lens: GistNet gists + LensNet focus (trained networks needed).
-    oracle: not implemented (NotImplementedError; the sweep reports it as unavailable).
+    oracle: GistNet gists (trained), recency focus plus the best single expansion per scored
+      block, measured on that block (`OraclePolicy`; an upper bound, ppl/cost only).
     kw: position_mode, rope_damping, chunk, depth, seed (Session arguments).
     """
-    if name == "oracle":
-        raise NotImplementedError("the oracle focus (greedy search over single edits with "
-                                  "measured delta-NLL) is not implemented in mc_jax.decode yet")
-    if name not in ("recency", "meanpool", "lens"):
+    if name not in ("recency", "meanpool", "lens", "oracle"):
         raise NotImplementedError(f"unknown MegaContext policy {name!r}")
     def check_budget(depth):
         try:
@@ -875,6 +992,8 @@ def make_policy(name: str, base_model, budget: int, checkpoint=None, **kw):
     tc = info.get("train_config", {})
     kw.setdefault("position_mode", tc.get("position_mode", "compact"))
     kw.setdefault("rope_damping", bool(tc.get("rope_damping", False)))
+    if name == "oracle":
+        return OraclePolicy(base_model, budget, gist, **kw)
     pol = "lens" if name == "lens" else "recency"
     return MegaContextPolicy(name, base_model, budget, gist, lens if pol == "lens" else None,
                              pol, **kw)

@@ -264,8 +264,8 @@ def test_policy_interface(model, tmp_path):
     assert nll.shape == (2, K) and np.all(np.isfinite(nll))
     np.testing.assert_allclose(pol.nll_stream(ids, [9, 2])[::-1], nll, atol=1e-5)  # pure
     assert isinstance(pol.answer(ids[:300], [1, 2, 3], 4), str)
-    with pytest.raises(NotImplementedError):
-        dm.make_policy("oracle", model, W)
+    with pytest.raises(MissingResourceError):  # the oracle reads trained GistNet gists
+        dm.make_policy("oracle", model, W, checkpoint=str(tmp_path / "missing"))
     with pytest.raises(MissingResourceError):
         dm.make_policy("lens", model, W, checkpoint=str(tmp_path / "missing"))
     with pytest.raises(NotApplicable, match="too small"):
@@ -322,3 +322,78 @@ def test_cli_score_and_generate_show_focus(model, tmp_path, monkeypatch, capsys)
                      "192", "--show-focus", "--max-new-tokens", "40"]) == 0
     out, err = capsys.readouterr()
     assert "[focus] block" in err and "collapse [" in err and "summary: history" in err
+
+
+@pytest.fixture(scope="module")
+def recency_session(model):
+    gist = build_gist_model(GistNetConfig.tiny(64), rngs=nnx.Rngs(0))
+    return dm.Session(model, W, gist, policy="recency", capacity_tokens=4096, chunk=32), gist
+
+
+def _host_oracle_wc(entries, e, W, n_blocks, protected=1):
+    """Plain-Python oracle candidate: [(level, node)] (complete entries, then the empty open
+    block) -> the entries after collapsing the oldest unprotected raw blocks while
+    cost + K - 1 + K > W (at most two), then expanding entry e; None if that is not possible."""
+    cost = lambda es: sum(K if lv == 0 else 1 for lv, _ in es[:-1])  # noqa: E731 (open: 0)
+    es = list(entries)
+    if e == len(es) - 1 or es[e][0] == 0:
+        return None
+    for _ in range(2):
+        if cost(es) + K - 1 + K <= W:
+            break
+        old = [i for i, (lv, nd) in enumerate(es[:-1]) if lv == 0 and nd < n_blocks - protected]
+        if not old:
+            break
+        es[old[0]] = (1, es[old[0]][1])
+    if cost(es) + K - 1 + K > W:
+        return None
+    lv, nd = es[e]
+    kids = [(0, nd)] if lv == 1 else [(lv - 1, nd * K + j) for j in range(K)]
+    return es[:e] + kids + es[e + 1:]
+
+
+def test_oracle_candidates_and_block_nll(model, recency_session):
+    s, _ = recency_session
+    s.reset()
+    ids = _ids(72 * K, seed=5)
+    s.ingest(ids[:70 * K])
+    wc, wcfg = s.state.wc, s.cfg.wcfg
+    entries = [(lv, nd) for lv, nd, *_ in wcm.to_host_entries(wc)]
+    assert {lv for lv, _ in entries} == {0, 1, 2}  # LOD2 and LOD1 expansions both tried
+    blk = jnp.asarray(ids[70 * K:71 * K])
+    for e in range(len(entries)):
+        nll, ok, wc_e = dm.jit_oracle_candidate(s.rt, s.params, s.state, blk, jnp.int32(e))
+        want = _host_oracle_wc(entries, e, W, n_blocks=70)
+        assert bool(ok) == (want is not None), e
+        if want is not None:
+            wcm.check_wc(wc_e, wcfg)
+            assert [(lv, nd) for lv, nd, *_ in wcm.to_host_entries(wc_e)] == want
+            assert int(wc_e.total_cost()) <= W - K and np.all(np.isfinite(np.asarray(nll)))
+    # the unchanged WC through the uncached forward = the runtime's cached teacher block
+    nll0 = jax.jit(dm.block_nll_under, static_argnames=("rt",))(s.rt, s.params, s.state, wc, blk)
+    info = s.step(np.asarray(blk), teacher=True)
+    np.testing.assert_allclose(np.asarray(nll0), info.nll_K, atol=2e-4)
+
+
+def test_oracle_policy_bounds_recency(model, recency_session):
+    _, gist = recency_session
+    ids = _ids(30 * K, seed=7)
+    blocks = [12, 20, 27]
+    oracle = dm.OraclePolicy(model, W, gist)
+    recency = dm.MegaContextPolicy("recency", model, W, gist, None, "recency")
+    nll_o, nll_r = oracle.nll_stream(ids, blocks), recency.nll_stream(ids, blocks)
+    assert nll_o.shape == (3, K)
+    assert np.all(nll_o.mean(1) <= nll_r.mean(1) + 1e-6)
+    st = oracle.stats()
+    assert st["blocks"] == 3 and st["candidates"] > 0
+    # every block is either recency's own NLL or a strictly better expansion's
+    for i in range(3):
+        same = np.allclose(nll_o[i], nll_r[i], atol=2e-4)
+        assert same or nll_o[i].mean() < nll_r[i].mean()
+    assert st["expanded"] == sum(not np.allclose(nll_o[i], nll_r[i], atol=2e-4) for i in range(3))
+    assert np.isclose(st["gain_nats"], float((nll_r - nll_o).sum()), atol=1e-2)
+    before = dict(dm.TRACES)
+    oracle.nll_stream(ids[::-1].copy(), blocks)  # same shapes: no new compile
+    assert dm.TRACES["oracle"] == before["oracle"]
+    with pytest.raises(NotApplicable):
+        oracle.answer(ids[:300], [1, 2], 4)
