@@ -316,6 +316,8 @@ class PerplexityEvaluator(Evaluator):
         policy = ctx.policy(item["policy"], item["W"], ecfg.get("policy_kw"))
         ids = ctx.doc_ids(doc)
         blocks = scored_blocks(len(ids), item["score_from"], item["blocks_per_doc"])
+        stats = getattr(policy, "stats", None)  # MegaContext policies count what they did
+        before = stats() if stats else {}
         t0 = time.perf_counter()
         nll_BxK = np.asarray(policy.nll_stream(ids, blocks), np.float64)
         dt = time.perf_counter() - t0
@@ -323,8 +325,11 @@ class PerplexityEvaluator(Evaluator):
             raise ConfigError(f"policy {item['policy']} returned NLL of shape {nll_BxK.shape}, "
                               f"expected {(len(blocks), K)}")
         nll = float(nll_BxK.mean())
-        return dict(nll=nll, ppl=math.exp(nll), scored_tokens=int(nll_BxK.size),
-                    scored_blocks=len(blocks), sec_per_block=dt / len(blocks))
+        out = dict(nll=nll, ppl=math.exp(nll), scored_tokens=int(nll_BxK.size),
+                   scored_blocks=len(blocks), sec_per_block=dt / len(blocks))
+        if stats:  # this document's share of the policy's counters
+            out["policy_stats"] = {k: v - before.get(k, 0) for k, v in stats().items()}
+        return out
 
     @staticmethod
     def aggregate(rows):

@@ -139,9 +139,20 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
 
     calls = []
 
+    class Counting:  # a runtime policy with counters, as mc_jax.decode's have
+        def __init__(self, inner):
+            self.inner, self.n = inner, {"blocks": 5, "actions": 1}  # counts from earlier docs
+
+        def nll_stream(self, ids, blocks=None):
+            self.n["blocks"] += len(blocks)
+            return self.inner.nll_stream(ids, blocks)
+
+        def stats(self):
+            return dict(self.n)
+
     def make_policy(name, base_model, budget, checkpoint=None, **kw):  # the runtime contract
         calls.append((name, budget, checkpoint))
-        return pol.make_policy("truncate", base_model, budget)
+        return Counting(pol.make_policy("truncate", base_model, budget))
 
     fake = types.ModuleType("mc_jax.decode")
     fake.make_policy = make_policy
@@ -152,3 +163,4 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
     got = {r["key"]["policy"]: r for r in rows.values()}
     assert got["recency"]["status"] == "ok"
     assert got["recency"]["nll"] == pytest.approx(got["truncate"]["nll"], abs=1e-5)
+    assert got["recency"]["policy_stats"] == {"blocks": 2, "actions": 0}  # this document's share
