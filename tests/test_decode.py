@@ -392,6 +392,23 @@ def test_oracle_policy_bounds_recency(model, recency_session):
         assert same or nll_o[i].mean() < nll_r[i].mean()
     assert st["expanded"] == sum(not np.allclose(nll_o[i], nll_r[i], atol=2e-4) for i in range(3))
     assert np.isclose(st["gain_nats"], float((nll_r - nll_o).sum()), atol=1e-2)
+    # held-out gain, recomputed by hand: choose by the first 16 tokens, count the last 16
+    s = dm.Session(model, W, gist, policy="recency", capacity_tokens=1024, chunk=32)
+    want, prev = 0.0, 0
+    for b in blocks:
+        s.ingest(ids[prev * K:b * K])
+        blk = jnp.asarray(ids[b * K:(b + 1) * K])
+        cands = []
+        for e in range(int(s.state.wc.num_entries)):
+            nll, ok, _ = dm.jit_oracle_candidate(s.rt, s.params, s.state, blk, jnp.int32(e))
+            if bool(ok):
+                cands.append(np.asarray(nll))
+        base = np.asarray(s.step(np.asarray(blk)).nll_K)
+        first = min([base] + cands, key=lambda n: n[:K // 2].mean())
+        want += float(base[K // 2:].sum() - first[K // 2:].sum())
+        prev = b + 1
+    assert st["heldout_tokens"] == 3 * K // 2
+    assert np.isclose(st["heldout_gain_nats"], want, atol=1e-2)
     before = dict(dm.TRACES)
     oracle.nll_stream(ids[::-1].copy(), blocks)  # same shapes: no new compile
     assert dm.TRACES["oracle"] == before["oracle"]
