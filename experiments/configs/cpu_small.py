@@ -48,6 +48,15 @@ def get_config(variant=None):
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=6)
         passkey.update(history_mults=[4, 16], depths=[0.1, 0.5, 0.9], placements=["straddle"])
         cost.update(budgets=[512], doc=quick_docs[0], blocks=2)
+    elif variant == "recency48":
+        # Is recency with a trained GistNet really ahead of truncation? ppl only, the quick
+        # documents, 48 scored blocks each (1,536 tokens per document instead of 192); policies
+        # that need no LensNet. Run once per GistNet (--checkpoint).
+        quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
+                      dict(name="python-4k", path=python, offset=0, tokens=4096)]
+        ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=48,
+                   policies=["full", "truncate", "sinks", "recency"])
+        cfg["evaluators"] = [ppl]
     elif variant is not None:
-        raise ValueError(f"cpu_small has variants: quick (got {variant!r})")
+        raise ValueError(f"cpu_small has variants: quick, recency48 (got {variant!r})")
     return cfg
