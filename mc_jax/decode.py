@@ -689,7 +689,8 @@ class Session:
 
 
 class MegaContextPolicy:
-    """nll_stream / answer over a Session (policies recency, meanpool, lens)."""
+    """nll_stream / answer over a Session (policies recency, meanpool, lens; `OraclePolicy`
+    scores each block its own way through `_score_block`)."""
 
     def __init__(self, name, base_model, budget, gist_model, lens_model, policy, **kw):
         self.name, self.budget, self.model = name, int(budget), base_model
@@ -721,13 +722,20 @@ class MegaContextPolicy:
             if w > b:
                 s.ingest(ids[32 * b:32 * w])
                 b = w
-            info = s.step(ids[32 * w:32 * w + 32], teacher=True)
-            out[w] = np.asarray(info.nll_K, np.float32)
-            self._stats["recompute"] += int(info.recompute)
+            out[w] = self._score_block(s, ids[32 * w:32 * w + 32])
             b = w + 1
+        self._end_stream(s)
+        return np.stack([out[w] for w in blocks])
+
+    def _score_block(self, s: Session, ids_K) -> np.ndarray:
+        """NLL [K] of the next block, teacher forced; advances the session past it."""
+        info = s.step(ids_K, teacher=True)
+        self._stats["recompute"] += int(info.recompute)
+        return np.asarray(info.nll_K, np.float32)
+
+    def _end_stream(self, s: Session) -> None:
         self._stats["blocks"] += int(s.state.blocks)
         self._stats["actions"] += int(s.state.total_actions)
-        return np.stack([out[w] for w in blocks])
 
     def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
         ids = bm.check_token_ids(history_ids, self.model.cfg).reshape(-1)
@@ -804,7 +812,7 @@ def jit_oracle_candidate(rt, params, state, ids_K, e):
     return block_nll_under(rt, params, state, wc, ids_K), ok, wc
 
 
-class OraclePolicy:
+class OraclePolicy(MegaContextPolicy):
     """The evaluator's `oracle`: an upper bound for one expansion per block (SPEC section 4).
 
     Before each scored block, on the recency policy's WC: every expandable entry is expanded in
@@ -823,58 +831,43 @@ class OraclePolicy:
     """
 
     def __init__(self, base_model, budget, gist_model, **kw):
-        self.name, self.budget, self.model = "oracle", int(budget), base_model
-        self._inner = MegaContextPolicy("oracle", base_model, budget, gist_model, None,
-                                        "recency", **kw)
+        super().__init__("oracle", base_model, budget, gist_model, None, "recency", **kw)
         self._stats = {"blocks": 0, "candidates": 0, "expanded": 0, "gain_nats": 0.0,
                        "heldout_gain_nats": 0.0, "heldout_tokens": 0}
 
-    def nll_stream(self, ids_N, blocks: Sequence[int] | None = None) -> np.ndarray:
-        from mc_jax.policies import check_blocks
+    def _score_block(self, s: Session, ids_K) -> np.ndarray:
+        blk = jnp.asarray(ids_K)
+        cands = np.flatnonzero(np.asarray(wcm.expandable(s.state.wc, s.cfg.wcfg)))
+        tried = []
+        for e in cands:
+            nll, ok, _ = jit_oracle_candidate(s.rt, s.params, s.state, blk, jnp.int32(e))
+            if bool(ok):
+                tried.append(np.asarray(nll, np.float32))
+        # the unchanged WC (recency's own score), which also moves the session past the block
+        base = np.asarray(s.step(ids_K, teacher=True).nll_K, np.float32)
+        best = min(tried, key=np.mean, default=None)
+        pick = best is not None and best.mean() < base.mean()
+        out = best if pick else base
+        self._stats["blocks"] += 1
+        self._stats["candidates"] += len(cands)
+        self._stats["expanded"] += int(pick)
+        self._stats["gain_nats"] += float(base.sum() - out.sum())
+        # the minimum over ~20 candidates on the very tokens it is scored on is biased low by
+        # chance alone; choosing on the block's first half and scoring the second half is not
+        h = len(base) // 2
+        first = min([base] + tried, key=lambda n: float(np.mean(n[:h])))
+        self._stats["heldout_gain_nats"] += float(base[h:].sum() - first[h:].sum())
+        self._stats["heldout_tokens"] += len(base) - h
+        return out
 
-        ids = bm.check_token_ids(ids_N, self.model.cfg).reshape(-1)
-        blocks = check_blocks(ids, blocks)
-        if not blocks:
-            return np.zeros((0, 32), np.float32)
-        s = self._inner._session(len(ids))
-        out: dict[int, np.ndarray] = {}
-        b = 0
-        for w in sorted(set(blocks)):
-            if w > b:
-                s.ingest(ids[32 * b:32 * w])
-            blk = jnp.asarray(ids[32 * w:32 * w + 32])
-            cands = np.flatnonzero(np.asarray(wcm.expandable(s.state.wc, s.cfg.wcfg)))
-            tried = []
-            for e in cands:
-                nll, ok, _ = jit_oracle_candidate(s.rt, s.params, s.state, blk, jnp.int32(e))
-                if bool(ok):
-                    tried.append(np.asarray(nll, np.float32))
-            info = s.step(np.asarray(blk), teacher=True)  # the unchanged WC, and the next state
-            base = np.asarray(info.nll_K, np.float32)
-            best = min(tried, key=np.mean, default=None)
-            pick = best is not None and best.mean() < base.mean()
-            out[w] = best if pick else base
-            self._stats["blocks"] += 1
-            self._stats["candidates"] += len(cands)
-            self._stats["expanded"] += int(pick)
-            self._stats["gain_nats"] += float(base.sum() - out[w].sum())
-            # the minimum over ~20 candidates on the very tokens it is scored on is biased low by
-            # chance alone; choosing on the block's first half and scoring the second half is not
-            h = len(base) // 2
-            first = min([base] + tried, key=lambda n: float(np.mean(n[:h])))
-            self._stats["heldout_gain_nats"] += float(base[h:].sum() - first[h:].sum())
-            self._stats["heldout_tokens"] += len(base) - h
-            b = w + 1
-        return np.stack([out[w] for w in blocks])
+    def _end_stream(self, s: Session) -> None:  # its counters are per scored block
+        pass
 
     def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
         from mc_jax.policies import NotApplicable
 
         raise NotApplicable("the oracle picks its focus by the NLL of the tokens it scores; it "
                             "does not know an answer's tokens in advance")
-
-    def stats(self) -> dict:
-        return dict(self._stats)
 
 
 @functools.partial(jax.jit, static_argnames=("rt",))

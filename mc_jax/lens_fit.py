@@ -151,6 +151,15 @@ def check_manifest(workdir: Path, manifest: dict, log=print) -> None:
     tmp.replace(path)
 
 
+def shard_windows(src, pc: twc.PackConfig, seed: int, j: int):
+    """The iterator of C + H token windows behind label shard j: seeded by the shard index, so
+    a resumed run (or a probe re-reading the shard's text) draws the same windows."""
+    from mc_jax import data
+
+    return data.make_batch_iterator(src, data.WindowConfig(pc.seq_len + pc.horizon, 1,
+                                                           seed=seed * 100_003 + j))
+
+
 def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int = 8,
             seed: int = 0, data_dir=None, progress: bool = True, log=print,
             base_id: str = "") -> list[Path]:
@@ -175,8 +184,7 @@ def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int =
     bar = tqdm(total=len(todo) * shard, desc="measure edits", unit="win", disable=not progress,
                file=sys.stderr)
     for j in todo:
-        it = data.make_batch_iterator(src, data.WindowConfig(pc.seq_len + pc.horizon, 1,
-                                                             seed=seed * 100_003 + j))
+        it = shard_windows(src, pc, seed, j)
         rows = []
         for i in range(shard):
             toks = jnp.asarray(np.asarray(next(it)["tokens"])[0])

@@ -54,20 +54,22 @@ C, H, K, N = pc.seq_len, pc.horizon, pc.block_size, pc.seq_blocks
 gist_model = nnx.merge(m.gist_graph, gist_state)
 
 
-@jax.jit
-def summaries(ids_C):
-    """(gist1, gist2): the GistNet's gists, or the means of the nodes' token embeddings."""
-    emb = bm.embed_tokens(model.params, ids_C).reshape(N, K, -1).astype(jnp.float32)
-    if args.inputs == "gist":
-        return train.build_gists(as_gist_fn(gist_model), emb, pc.depth)
-    g1 = emb.mean(1)
-    return g1, g1.reshape(N // K, K, -1).mean(1)
+def _emb(ids_C):
+    return bm.embed_tokens(model.params, ids_C).reshape(N, K, -1).astype(jnp.float32)
 
 
 @jax.jit
 def stage2_gists(ids_C):
-    emb = bm.embed_tokens(model.params, ids_C).reshape(N, K, -1).astype(jnp.float32)
-    return train.build_gists(as_gist_fn(gist_model), emb, pc.depth)
+    return train.build_gists(as_gist_fn(gist_model), _emb(ids_C), pc.depth)
+
+
+@jax.jit
+def summaries(ids_C):
+    """(gist1, gist2): the GistNet's gists, or the means of the nodes' token embeddings."""
+    if args.inputs == "gist":
+        return stage2_gists(ids_C)
+    g1 = _emb(ids_C).mean(1)
+    return g1, g1.reshape(N // K, K, -1).mean(1)
 
 
 # 1. the measured labels, with what LensNet reads replaced (windows regenerated from the seeds
@@ -79,7 +81,7 @@ labels = lens_fit.load_labels(paths)
 src = data.open_split("train", model.tokenizer)
 g1s, g2s, worst = [], [], 0.0
 for j in tqdm(range(len(paths)), desc="regenerate windows", file=sys.stderr):
-    it = data.make_batch_iterator(src, data.WindowConfig(C + H, 1, seed=0 * 100_003 + j))
+    it = lens_fit.shard_windows(src, pc, 0, j)
     for i in range(8):
         ids = jnp.asarray(np.asarray(next(it)["tokens"])[0][:C])
         ref = np.asarray(stage2_gists(ids)[0])
