@@ -57,6 +57,14 @@ def get_config(variant=None):
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=48,
                    policies=["full", "truncate", "sinks", "recency"])
         cfg["evaluators"] = [ppl]
+    elif variant == "lens48":
+        # recency48 plus the lens policy: does a LensNet's focus beat recency and truncation on
+        # 3,072 scored tokens? Run once per GistNet/LensNet pair (--checkpoint).
+        quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
+                      dict(name="python-4k", path=python, offset=0, tokens=4096)]
+        ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=48,
+                   policies=["full", "truncate", "sinks", "recency", "lens"])
+        cfg["evaluators"] = [ppl]
     elif variant is not None:
-        raise ValueError(f"cpu_small has variants: quick, recency48 (got {variant!r})")
+        raise ValueError(f"cpu_small has variants: quick, recency48, lens48 (got {variant!r})")
     return cfg
