@@ -95,6 +95,9 @@ def _add_eval_args(p, lens: bool):
     p.add_argument("--data-dir", default=None, help="prepared corpus (default $MC_JAX_DATA)")
     if lens:
         p.add_argument("--edits", type=int, default=8, help="single edits evaluated per WC")
+        p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
+                       help="more exports with the same GistNet: their LensNets score the same "
+                            "measured edits; prints a paired interval of the difference")
     p.add_argument("--json", action="store_true", help="last line: JSON with the figures")
 
 

@@ -79,6 +79,16 @@ def _gist_variants(gist_trained, seed=0):
             "untrained": build_gist_model(cfg, rngs=nnx.Rngs(seed + 17))}
 
 
+def _bootstrap_draws(n: int, groups, reps: int, rng) -> list:
+    """Index arrays of `reps` bootstrap resamples of n items: single items, or whole groups."""
+    if groups is None:
+        return [rng.integers(0, n, n) for _ in range(reps)]
+    groups = np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    return [np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+            for _ in range(reps)]
+
+
 def bootstrap_spearman(u, d, groups=None, *, reps: int = 1000, seed: int = 0):
     """95% percentile-bootstrap interval of spearman(u, d).
 
@@ -88,16 +98,19 @@ def bootstrap_spearman(u, d, groups=None, *, reps: int = 1000, seed: int = 0):
     when they are correlated.
     """
     u, d = np.asarray(u, np.float64), np.asarray(d, np.float64)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        draws = (rng.integers(0, len(u), len(u)) for _ in range(reps))
-    else:
-        groups = np.asarray(groups)
-        ids = np.unique(groups)
-        members = [np.flatnonzero(groups == g) for g in ids]
-        draws = (np.concatenate([members[j] for j in rng.integers(0, len(ids), len(ids))])
-                 for _ in range(reps))
+    draws = _bootstrap_draws(len(u), groups, reps, np.random.default_rng(seed))
     boot = [spearman(u[i], d[i]) for i in draws]
+    return [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
+
+
+def bootstrap_spearman_diff(u_a, u_b, d, groups=None, *, reps: int = 1000, seed: int = 0):
+    """95% paired-bootstrap interval of spearman(u_a, d) - spearman(u_b, d): two LensNets'
+    scores of the same measured edits, both correlations taken on each same resample (so what
+    the windows share cancels). groups as in `bootstrap_spearman`."""
+    u_a, u_b = np.asarray(u_a, np.float64), np.asarray(u_b, np.float64)
+    d = np.asarray(d, np.float64)
+    draws = _bootstrap_draws(len(d), groups, reps, np.random.default_rng(seed))
+    boot = [spearman(u_a[i], d[i]) - spearman(u_b[i], d[i]) for i in draws]
     return [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
 
 
@@ -229,8 +242,35 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
     return out
 
 
+def _comparison_lensnets(model, m, gist_state, compare, n_wc: int, n_edits: int) -> list:
+    """[(checkpoint, jitted scorer, LensNet state)] of exports whose GistNet is the one measured
+    with (same parameters, same packing), so their LensNets can score the same edits."""
+    from mc_jax import lens_fit
+    from mc_jax.errors import ConfigError
+
+    fp, out = lens_fit.gist_fingerprint(gist_state), []
+    for ck in compare:
+        m_c, gs_c, ls_c, _ = lens_fit.load_models(model, ck, n_wc, n_edits)
+        if lens_fit.gist_fingerprint(gs_c) != fp or m_c.pack != m.pack:
+            raise ConfigError(
+                f"eval-lens --compare {ck}: its GistNet (or window packing) differs from the "
+                "--checkpoint's, so its LensNet would be scored on utilities measured with "
+                "another GistNet's gists; compare only LensNets fitted on the same GistNet")
+        out.append((str(ck), jax.jit(functools.partial(_edit_scores, m=m_c)), ls_c))
+    return out
+
+
+def _edit_scores(lens_state, lab, m):
+    from mc_jax import lens_fit
+
+    return lens_fit.edit_scores_of(lens_state, lab, m)
+
+
 def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, n_wc: int = 2,
-              seed: int = 0, data_dir=None, progress=True) -> dict:
+              seed: int = 0, data_dir=None, progress=True, compare=()) -> dict:
+    """compare: more exports with the same GistNet. Their LensNets score the same edits
+    (measured once), and each gets its Spearman and a paired window-bootstrap interval of
+    (this LensNet's Spearman - that one's), under res["compare"]."""
     from tqdm import tqdm
 
     from mc_jax import lens_fit
@@ -239,8 +279,10 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
     model = load_base(base)
     m, gist_state, lens_state, info = lens_fit.load_models(
         model, checkpoint or default_checkpoint(), n_wc, n_edits)
+    others = _comparison_lensnets(model, m, gist_state, compare, n_wc, n_edits)
     measure = lens_fit.measure_fn(model, m, gist_state)
-    scores = jax.jit(lambda ls, lab: lens_fit.edit_scores_of(ls, lab, m))
+    scores = jax.jit(functools.partial(_edit_scores, m=m))
+    us_c = [[] for _ in others]
     windows = _validation_windows(model.tokenizer, m.pack.seq_len + m.pack.horizon, n_docs, seed,
                                   data_dir)
     us, ds, kinds_all, per_wc, win = [], [], [], [], []
@@ -248,9 +290,12 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
                                file=sys.stderr)):
         lab = measure(jnp.asarray(w), jax.random.PRNGKey(seed * 1000 + i))
         u, d = map(np.asarray, scores(lens_state, lab))
+        u_c = [np.asarray(f(ls, lab)[0]) for _, f, ls in others]
         v, kd = np.asarray(lab["evalid"]), np.asarray(lab["kinds"])
         for j in range(u.shape[0]):
             mask = v[j]
+            for acc, uc in zip(us_c, u_c):
+                acc += list(uc[j][mask])
             us += list(u[j][mask])
             ds += list(d[j][mask])
             kinds_all += list(kd[j][mask])
@@ -270,6 +315,13 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
            "mean_d": float(ds.mean()), "checkpoint": str(checkpoint or default_checkpoint()),
            "trained_steps": info.get("steps")}
+    if others:
+        res["compare"] = [
+            {"checkpoint": ck, "spearman": spearman(np.array(uc), ds),
+             "spearman_ci95_windows": bootstrap_spearman(uc, ds, win, seed=seed),
+             "diff_vs_checkpoint": res["spearman"] - spearman(np.array(uc), ds),
+             "diff_ci95_windows": bootstrap_spearman_diff(us, uc, ds, win, seed=seed)}
+            for (ck, _, _), uc in zip(others, us_c)]
     return res
 
 
@@ -299,7 +351,7 @@ def eval_gists_cli(args) -> int:
 
 def eval_lens_cli(args) -> int:
     res = eval_lens(args.checkpoint, base=args.base, n_docs=args.docs, n_edits=args.edits,
-                    seed=args.seed, data_dir=args.data_dir)
+                    seed=args.seed, data_dir=args.data_dir, compare=args.compare or ())
     lo, hi = res["spearman_ci95"]
     wlo, whi = res["spearman_ci95_windows"]
     print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} "
@@ -307,6 +359,11 @@ def eval_lens_cli(args) -> int:
           f"{whi:+.3f}] over {res['n_edits_evaluated']} edits in {res['n_windows']} windows "
           f"(mean per WC {res['spearman_mean_per_wc']:+.3f}; "
           f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
+    for c in res.get("compare", []):
+        (clo, chi), (dlo, dhi) = c["spearman_ci95_windows"], c["diff_ci95_windows"]
+        print(f"  vs {c['checkpoint']}: its Spearman {c['spearman']:+.3f} [over windows "
+              f"{clo:+.3f}, {chi:+.3f}]; this - that {c['diff_vs_checkpoint']:+.3f} "
+              f"[paired, over windows {dlo:+.3f}, {dhi:+.3f}]")
     if args.json:
         print(json.dumps(res))
     return 0

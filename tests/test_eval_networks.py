@@ -77,3 +77,23 @@ def test_window_bootstrap_is_wider_when_a_windows_edits_move_together():
     we = np.subtract(*bootstrap_spearman(u, d, seed=0)[::-1])
     ww = np.subtract(*bootstrap_spearman(u, d, g, seed=0)[::-1])
     assert 0.4 < ww / we < 1.6  # (12 groups: the grouped interval is itself noisy)
+
+
+def test_paired_difference_interval_of_two_lensnets_on_the_same_edits():
+    from mc_jax.eval_networks import bootstrap_spearman, bootstrap_spearman_diff
+
+    rng = np.random.default_rng(2)
+    g = np.repeat(np.arange(24), 16)
+    shared = rng.normal(size=24)[g]  # window-level difficulty in the utilities
+    d = shared + rng.normal(size=g.size)
+    good, chance = d + 1.5 * rng.normal(size=g.size), rng.normal(size=g.size)
+    lo, hi = bootstrap_spearman_diff(good, chance, d, g, seed=0)
+    assert 0 < lo < spearman(good, d) - spearman(chance, d) < hi
+    assert bootstrap_spearman_diff(good, good, d, g, seed=0) == [0.0, 0.0]
+    # two LensNets that mostly agree: the paired interval of their difference is far narrower
+    # than either one's own interval (what the windows share cancels)
+    near = good + 0.3 * rng.normal(size=g.size)
+    lo_p, hi_p = bootstrap_spearman_diff(good, near, d, g, seed=0)
+    lo_a, hi_a = bootstrap_spearman(good, d, g, seed=0)
+    assert lo_p < spearman(good, d) - spearman(near, d) < hi_p
+    assert hi_p - lo_p < 0.5 * (hi_a - lo_a)

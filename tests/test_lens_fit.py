@@ -80,3 +80,16 @@ def test_label_shards_of_another_gistnet_or_setting_are_refused(measured, tmp_pa
     (tmp_path / lens_fit.MANIFEST).write_text("{not json")
     with pytest.raises(McJaxError, match="labels_manifest.json"):
         lens_fit.check_manifest(tmp_path, base)
+
+
+def test_eval_lens_compares_only_lensnets_fitted_on_the_same_gistnet(measured, monkeypatch):
+    from mc_jax import eval_networks
+
+    m, gist_state, labels = measured
+    other = jax.tree.map(lambda a: a + 1e-3 if a.dtype == jnp.float32 else a, gist_state)
+    exports = {"same": (m, gist_state, "lens-a", {}), "other": (m, other, "lens-b", {})}
+    monkeypatch.setattr(lens_fit, "load_models", lambda model, ck, n_wc, n_e: exports[ck])
+    got = eval_networks._comparison_lensnets(None, m, gist_state, ["same"], 2, 4)
+    assert [(ck, ls) for ck, _, ls in got] == [("same", "lens-a")]
+    with pytest.raises(McJaxError, match="--compare other.*another GistNet"):
+        eval_networks._comparison_lensnets(None, m, gist_state, ["same", "other"], 2, 4)
