@@ -98,6 +98,8 @@ def _add_eval_args(p, lens: bool):
         p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
                        help="more exports with the same GistNet: their LensNets score the same "
                             "measured edits; prints a paired interval of the difference")
+        p.add_argument("--save-edits", default=None, metavar="FILE.npz",
+                       help="write the per-edit scores, utilities and windows here")
     p.add_argument("--json", action="store_true", help="last line: JSON with the figures")
 
 

@@ -267,10 +267,12 @@ def _edit_scores(lens_state, lab, m):
 
 
 def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, n_wc: int = 2,
-              seed: int = 0, data_dir=None, progress=True, compare=()) -> dict:
+              seed: int = 0, data_dir=None, progress=True, compare=(), save_edits=None) -> dict:
     """compare: more exports with the same GistNet. Their LensNets score the same edits
     (measured once), and each gets its Spearman and a paired window-bootstrap interval of
-    (this LensNet's Spearman - that one's), under res["compare"]."""
+    (this LensNet's Spearman - that one's), under res["compare"]. save_edits: an .npz path for
+    the per-edit arrays (u, d, kind, window, and u_compare [n_compare, n_edits]), so later
+    analyses (pooling window sets, other statistics) need no remeasuring."""
     from tqdm import tqdm
 
     from mc_jax import lens_fit
@@ -302,6 +304,11 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
             win += [i] * int(mask.sum())
             per_wc.append(spearman(u[j][mask], d[j][mask]))
     us, ds, kinds_all = np.array(us), np.array(ds), np.array(kinds_all)
+    if save_edits:
+        np.savez(save_edits, u=us, d=ds, kind=kinds_all, window=np.array(win),
+                 u_compare=np.array(us_c, np.float32).reshape(len(others), len(us)),
+                 seed=seed, checkpoints=np.array([str(checkpoint or default_checkpoint())]
+                                                  + [ck for ck, _, _ in others]))
     res = {"spearman": spearman(us, ds),
            # how sure is the pooled figure: edits resampled (the figure reported since the
            # first run), and whole windows resampled (the honest one: a window's edits share
@@ -351,7 +358,8 @@ def eval_gists_cli(args) -> int:
 
 def eval_lens_cli(args) -> int:
     res = eval_lens(args.checkpoint, base=args.base, n_docs=args.docs, n_edits=args.edits,
-                    seed=args.seed, data_dir=args.data_dir, compare=args.compare or ())
+                    seed=args.seed, data_dir=args.data_dir, compare=args.compare or (),
+                    save_edits=args.save_edits)
     lo, hi = res["spearman_ci95"]
     wlo, whi = res["spearman_ci95_windows"]
     print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} "

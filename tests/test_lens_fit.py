@@ -12,16 +12,20 @@ from mc_jax.errors import McJaxError
 from mc_jax.train_config import load_config
 
 
+_EXTRA = {}  # what `measured` built besides its labels (the tiny base, a LensNet, windows)
+
+
 @pytest.fixture(scope="module")
 def measured():
     cfg = load_config("tiny").replace(phase="lens", n_wc=3, n_edits=4)
     base_cfg, base_params, _ = train.load_frozen_base(cfg)
-    m, gist_state, _ = train.build_models(cfg, base_cfg, base_params)
-    model = types.SimpleNamespace(params=base_params, cfg=base_cfg)
+    m, gist_state, lens_state = train.build_models(cfg, base_cfg, base_params)
+    model = types.SimpleNamespace(params=base_params, cfg=base_cfg, tokenizer=None)
     one = lens_fit.measure_fn(model, m, gist_state)
     toks = np.asarray(next(train.SyntheticBatches(cfg.replace(batch_size=6), 256, None))["tokens"])
     rows = [jax.device_get(one(jnp.asarray(t), jax.random.PRNGKey(i))) for i, t in enumerate(toks)]
     labels = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    _EXTRA.update(model=model, lens_state=lens_state, toks=toks)
     return m, gist_state, labels
 
 
@@ -93,3 +97,31 @@ def test_eval_lens_compares_only_lensnets_fitted_on_the_same_gistnet(measured, m
     assert [(ck, ls) for ck, _, ls in got] == [("same", "lens-a")]
     with pytest.raises(McJaxError, match="--compare other.*another GistNet"):
         eval_networks._comparison_lensnets(None, m, gist_state, ["same", "other"], 2, 4)
+
+
+def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(measured, tmp_path,
+                                                                             monkeypatch):
+    """eval_lens's loop on the tiny base (the real base and corpus replaced by the tiny ones):
+    the same LensNet given as --compare scores identically (difference interval [0, 0]), and
+    the saved per-edit arrays reproduce the reported Spearman."""
+    from mc_jax import eval_networks, loading
+
+    m, gist_state, _ = measured
+    model, lens_state, toks = _EXTRA["model"], _EXTRA["lens_state"], _EXTRA["toks"]
+    monkeypatch.setattr(loading, "load_base", lambda base: model)
+    monkeypatch.setattr(lens_fit, "load_models",
+                        lambda mdl, ck, n_wc, n_e: (m, gist_state, lens_state, {"steps": 7}))
+    monkeypatch.setattr(eval_networks, "_validation_windows",
+                        lambda tok, L, n, seed, data_dir: [t[:L] for t in toks[:n]])
+    out = tmp_path / "edits.npz"
+    res = eval_networks.eval_lens("ck-a", n_docs=3, n_edits=4, n_wc=2, progress=False,
+                                  compare=["ck-b"], save_edits=out)
+    assert res["n_windows"] == 3 and res["trained_steps"] == 7 and res["n_edits_evaluated"] > 0
+    (c,) = res["compare"]
+    assert c["checkpoint"] == "ck-b" and c["spearman"] == res["spearman"]
+    assert c["diff_vs_checkpoint"] == 0.0 and c["diff_ci95_windows"] == [0.0, 0.0]
+    z = np.load(out)
+    assert len(z["u"]) == res["n_edits_evaluated"] and set(z["window"]) == {0, 1, 2}
+    assert eval_networks.spearman(z["u"], z["d"]) == res["spearman"]
+    np.testing.assert_array_equal(z["u_compare"][0], z["u"].astype(np.float32))
+    assert list(z["checkpoints"]) == ["ck-a", "ck-b"]
