@@ -287,13 +287,14 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
     us_c = [[] for _ in others]
     windows = _validation_windows(model.tokenizer, m.pack.seq_len + m.pack.horizon, n_docs, seed,
                                   data_dir)
-    us, ds, kinds_all, per_wc, win = [], [], [], [], []
+    us, ds, kinds_all, per_wc, win, blk, lvl = [], [], [], [], [], [], []
     for i, w in enumerate(tqdm(windows, desc="eval-lens", disable=not progress,
                                file=sys.stderr)):
         lab = measure(jnp.asarray(w), jax.random.PRNGKey(seed * 1000 + i))
         u, d = map(np.asarray, scores(lens_state, lab))
         u_c = [np.asarray(f(ls, lab)[0]) for _, f, ls in others]
         v, kd = np.asarray(lab["evalid"]), np.asarray(lab["kinds"])
+        b_e, lv_wc = np.asarray(lab["blocks"]), np.asarray(lab["levels"])
         for j in range(u.shape[0]):
             mask = v[j]
             for acc, uc in zip(us_c, u_c):
@@ -301,11 +302,15 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
             us += list(u[j][mask])
             ds += list(d[j][mask])
             kinds_all += list(kd[j][mask])
+            blk += list(b_e[j][mask])
+            lvl += list(lv_wc[j][b_e[j][mask]])
             win += [i] * int(mask.sum())
             per_wc.append(spearman(u[j][mask], d[j][mask]))
     us, ds, kinds_all = np.array(us), np.array(ds), np.array(kinds_all)
+    blk = np.array(blk, np.float64)
     if save_edits:
-        np.savez(save_edits, u=us, d=ds, kind=kinds_all, window=np.array(win),
+        np.savez(save_edits, u=us, d=ds, kind=kinds_all, window=np.array(win), block=blk,
+                 level=np.array(lvl),
                  u_compare=np.array(us_c, np.float32).reshape(len(others), len(us)),
                  seed=seed, checkpoints=np.array([str(checkpoint or default_checkpoint())]
                                                   + [ck for ck, _, _ in others]))
@@ -321,7 +326,13 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "spearman_expand": spearman(us[kinds_all == 0], ds[kinds_all == 0]),
            "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
            "mean_d": float(ds.mean()), "checkpoint": str(checkpoint or default_checkpoint()),
-           "trained_steps": info.get("steps")}
+           "trained_steps": info.get("steps"),
+           # the baseline a LensNet has to beat: more detail the nearer the cursor (what the
+           # recency policy does), i.e. the edited entry's block index as the score
+           "spearman_recency_heuristic": spearman(blk, ds),
+           "recency_heuristic_ci95_windows": bootstrap_spearman(blk, ds, win, seed=seed),
+           "lens_minus_recency_ci95_windows": bootstrap_spearman_diff(us, blk, ds, win,
+                                                                      seed=seed)}
     if others:
         res["compare"] = [
             {"checkpoint": ck, "spearman": spearman(np.array(uc), ds),
@@ -367,6 +378,10 @@ def eval_lens_cli(args) -> int:
           f"{whi:+.3f}] over {res['n_edits_evaluated']} edits in {res['n_windows']} windows "
           f"(mean per WC {res['spearman_mean_per_wc']:+.3f}; "
           f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
+    rlo, rhi = res["lens_minus_recency_ci95_windows"]
+    print(f"  recency heuristic (score = block index): {res['spearman_recency_heuristic']:+.3f}; "
+          f"LensNet - heuristic {res['spearman'] - res['spearman_recency_heuristic']:+.3f} "
+          f"[paired, over windows {rlo:+.3f}, {rhi:+.3f}]")
     for c in res.get("compare", []):
         (clo, chi), (dlo, dhi) = c["spearman_ci95_windows"], c["diff_ci95_windows"]
         print(f"  vs {c['checkpoint']}: its Spearman {c['spearman']:+.3f} [over windows "

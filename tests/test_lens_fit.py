@@ -125,3 +125,6 @@ def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(meas
     assert eval_networks.spearman(z["u"], z["d"]) == res["spearman"]
     np.testing.assert_array_equal(z["u_compare"][0], z["u"].astype(np.float32))
     assert list(z["checkpoints"]) == ["ck-a", "ck-b"]
+    assert eval_networks.spearman(z["block"], z["d"]) == res["spearman_recency_heuristic"]
+    assert 0 <= z["block"].min() and z["block"].max() < m.pack.seq_blocks
+    assert set(z["level"]) <= set(range(m.pack.depth + 1))
