@@ -89,6 +89,16 @@ def _bootstrap_draws(n: int, groups, reps: int, rng) -> list:
             for _ in range(reps)]
 
 
+def within_window(u, d, groups):
+    """(u, d) minus the mean of their group (window): only the order inside a window is left."""
+    u, d, groups = np.asarray(u, np.float64), np.asarray(d, np.float64), np.asarray(groups)
+    mu, md = np.zeros_like(u), np.zeros_like(d)
+    for g in np.unique(groups):
+        m = groups == g
+        mu[m], md[m] = u[m].mean(), d[m].mean()
+    return u - mu, d - md
+
+
 def bootstrap_spearman(u, d, groups=None, *, reps: int = 1000, seed: int = 0):
     """95% percentile-bootstrap interval of spearman(u, d).
 
@@ -329,6 +339,12 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "trained_steps": info.get("steps"),
            # the baseline a LensNet has to beat: more detail the nearer the cursor (what the
            # recency policy does), i.e. the edited entry's block index as the score
+           # what the allocator uses: the order of edits inside one window (it never compares
+           # windows); u and d minus their window means, pooled (added 2026-11-29, after the
+           # seed-1 results it is first reported on)
+           "spearman_within_window": spearman(*within_window(us, ds, win)),
+           "within_window_ci95_windows": bootstrap_spearman(*within_window(us, ds, win), win,
+                                                            seed=seed),
            "spearman_recency_heuristic": spearman(blk, ds),
            "recency_heuristic_ci95_windows": bootstrap_spearman(blk, ds, win, seed=seed),
            "lens_minus_recency_ci95_windows": bootstrap_spearman_diff(us, blk, ds, win,
@@ -378,6 +394,9 @@ def eval_lens_cli(args) -> int:
           f"{whi:+.3f}] over {res['n_edits_evaluated']} edits in {res['n_windows']} windows "
           f"(mean per WC {res['spearman_mean_per_wc']:+.3f}; "
           f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
+    wlo2, whi2 = res["within_window_ci95_windows"]
+    print(f"  within windows (u, d minus window means): {res['spearman_within_window']:+.3f} "
+          f"[over windows {wlo2:+.3f}, {whi2:+.3f}]")
     rlo, rhi = res["lens_minus_recency_ci95_windows"]
     print(f"  recency heuristic (score = block index): {res['spearman_recency_heuristic']:+.3f}; "
           f"LensNet - heuristic {res['spearman'] - res['spearman_recency_heuristic']:+.3f} "

@@ -97,3 +97,16 @@ def test_paired_difference_interval_of_two_lensnets_on_the_same_edits():
     lo_a, hi_a = bootstrap_spearman(good, d, g, seed=0)
     assert lo_p < spearman(good, d) - spearman(near, d) < hi_p
     assert hi_p - lo_p < 0.5 * (hi_a - lo_a)
+
+
+def test_within_window_ranking_ignores_what_only_separates_windows():
+    from mc_jax.eval_networks import within_window
+
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(24), 16)
+    shared = 3 * rng.normal(size=24)[g]  # scores and utilities agree only on which window
+    u, d = shared + rng.normal(size=g.size), shared + rng.normal(size=g.size)
+    assert spearman(u, d) > 0.7 and abs(spearman(*within_window(u, d, g))) < 0.15
+    inner = rng.normal(size=g.size)  # ... and here only inside each window
+    u, d = rng.normal(size=24)[g] + inner, 3 * rng.normal(size=24)[g] + inner
+    assert spearman(*within_window(u, d, g)) > 0.95 > spearman(u, d)

@@ -127,4 +127,7 @@ def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(meas
     assert list(z["checkpoints"]) == ["ck-a", "ck-b"]
     assert eval_networks.spearman(z["block"], z["d"]) == res["spearman_recency_heuristic"]
     assert 0 <= z["block"].min() and z["block"].max() < m.pack.seq_blocks
+    uw, dw = eval_networks.within_window(z["u"], z["d"], z["window"])
+    assert eval_networks.spearman(uw, dw) == res["spearman_within_window"]
+    assert all(abs(dw[z["window"] == i].mean()) < 1e-9 for i in range(3))
     assert set(z["level"]) <= set(range(m.pack.depth + 1))
