@@ -281,8 +281,8 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
     """compare: more exports with the same GistNet. Their LensNets score the same edits
     (measured once), and each gets its Spearman and a paired window-bootstrap interval of
     (this LensNet's Spearman - that one's), under res["compare"]. save_edits: an .npz path for
-    the per-edit arrays (u, d, kind, window, and u_compare [n_compare, n_edits]), so later
-    analyses (pooling window sets, other statistics) need no remeasuring."""
+    the per-edit arrays (u, d, kind, window, block, level, and u_compare [n_compare, n_edits]),
+    so later analyses (pooling window sets, other statistics) need no remeasuring."""
     from tqdm import tqdm
 
     from mc_jax import lens_fit
@@ -318,6 +318,7 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
             per_wc.append(spearman(u[j][mask], d[j][mask]))
     us, ds, kinds_all = np.array(us), np.array(ds), np.array(kinds_all)
     blk = np.array(blk, np.float64)
+    uw, dw = within_window(us, ds, win)
     if save_edits:
         np.savez(save_edits, u=us, d=ds, kind=kinds_all, window=np.array(win), block=blk,
                  level=np.array(lvl),
@@ -337,14 +338,13 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
            "mean_d": float(ds.mean()), "checkpoint": str(checkpoint or default_checkpoint()),
            "trained_steps": info.get("steps"),
-           # the baseline a LensNet has to beat: more detail the nearer the cursor (what the
-           # recency policy does), i.e. the edited entry's block index as the score
            # what the allocator uses: the order of edits inside one window (it never compares
            # windows); u and d minus their window means, pooled (added 2026-11-29, after the
-           # seed-1 results it is first reported on)
-           "spearman_within_window": spearman(*within_window(us, ds, win)),
-           "within_window_ci95_windows": bootstrap_spearman(*within_window(us, ds, win), win,
-                                                            seed=seed),
+           # seed-1 results it was first reported on)
+           "spearman_within_window": spearman(uw, dw),
+           "within_window_ci95_windows": bootstrap_spearman(uw, dw, win, seed=seed),
+           # the baseline a LensNet has to beat: more detail the nearer the cursor (what the
+           # recency policy does), i.e. the edited entry's block index as the score
            "spearman_recency_heuristic": spearman(blk, ds),
            "recency_heuristic_ci95_windows": bootstrap_spearman(blk, ds, win, seed=seed),
            "lens_minus_recency_ci95_windows": bootstrap_spearman_diff(us, blk, ds, win,
