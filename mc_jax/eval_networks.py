@@ -266,14 +266,8 @@ def _comparison_lensnets(model, m, gist_state, compare, n_wc: int, n_edits: int)
                 f"eval-lens --compare {ck}: its GistNet (or window packing) differs from the "
                 "--checkpoint's, so its LensNet would be scored on utilities measured with "
                 "another GistNet's gists; compare only LensNets fitted on the same GistNet")
-        out.append((str(ck), jax.jit(functools.partial(_edit_scores, m=m_c)), ls_c))
+        out.append((str(ck), jax.jit(functools.partial(lens_fit.edit_scores_of, m=m_c)), ls_c))
     return out
-
-
-def _edit_scores(lens_state, lab, m):
-    from mc_jax import lens_fit
-
-    return lens_fit.edit_scores_of(lens_state, lab, m)
 
 
 def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, n_wc: int = 2,
@@ -293,7 +287,7 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
         model, checkpoint or default_checkpoint(), n_wc, n_edits)
     others = _comparison_lensnets(model, m, gist_state, compare, n_wc, n_edits)
     measure = lens_fit.measure_fn(model, m, gist_state)
-    scores = jax.jit(functools.partial(_edit_scores, m=m))
+    scores = jax.jit(functools.partial(lens_fit.edit_scores_of, m=m))
     us_c = [[] for _ in others]
     windows = _validation_windows(model.tokenizer, m.pack.seq_len + m.pack.horizon, n_docs, seed,
                                   data_dir)
@@ -350,12 +344,14 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "lens_minus_recency_ci95_windows": bootstrap_spearman_diff(us, blk, ds, win,
                                                                       seed=seed)}
     if others:
-        res["compare"] = [
-            {"checkpoint": ck, "spearman": spearman(np.array(uc), ds),
-             "spearman_ci95_windows": bootstrap_spearman(uc, ds, win, seed=seed),
-             "diff_vs_checkpoint": res["spearman"] - spearman(np.array(uc), ds),
-             "diff_ci95_windows": bootstrap_spearman_diff(us, uc, ds, win, seed=seed)}
-            for (ck, _, _), uc in zip(others, us_c)]
+        res["compare"] = []
+        for (ck, _, _), uc in zip(others, us_c):
+            rho = spearman(np.array(uc), ds)
+            res["compare"].append(
+                {"checkpoint": ck, "spearman": rho,
+                 "spearman_ci95_windows": bootstrap_spearman(uc, ds, win, seed=seed),
+                 "diff_vs_checkpoint": res["spearman"] - rho,
+                 "diff_ci95_windows": bootstrap_spearman_diff(us, uc, ds, win, seed=seed)})
     return res
 
 

@@ -12,21 +12,29 @@ from mc_jax.errors import McJaxError
 from mc_jax.train_config import load_config
 
 
-_EXTRA = {}  # what `measured` built besides its labels (the tiny base, a LensNet, windows)
-
-
 @pytest.fixture(scope="module")
-def measured():
+def tiny():
+    """The tiny frozen base, a GistNet + LensNet for it, and 6 synthetic windows."""
     cfg = load_config("tiny").replace(phase="lens", n_wc=3, n_edits=4)
     base_cfg, base_params, _ = train.load_frozen_base(cfg)
     m, gist_state, lens_state = train.build_models(cfg, base_cfg, base_params)
     model = types.SimpleNamespace(params=base_params, cfg=base_cfg, tokenizer=None)
-    one = lens_fit.measure_fn(model, m, gist_state)
     toks = np.asarray(next(train.SyntheticBatches(cfg.replace(batch_size=6), 256, None))["tokens"])
-    rows = [jax.device_get(one(jnp.asarray(t), jax.random.PRNGKey(i))) for i, t in enumerate(toks)]
+    return types.SimpleNamespace(model=model, m=m, gist_state=gist_state, lens_state=lens_state,
+                                 toks=toks)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny):
+    one = lens_fit.measure_fn(tiny.model, tiny.m, tiny.gist_state)
+    rows = [jax.device_get(one(jnp.asarray(t), jax.random.PRNGKey(i)))
+            for i, t in enumerate(tiny.toks)]
     labels = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    _EXTRA.update(model=model, lens_state=lens_state, toks=toks)
-    return m, gist_state, labels
+    return tiny.m, tiny.gist_state, labels
+
+
+def _another_gistnet(gist_state):
+    return jax.tree.map(lambda a: a + 1e-3 if a.dtype == jnp.float32 else a, gist_state)
 
 
 def test_labels_are_single_edit_utilities(measured):
@@ -66,7 +74,7 @@ def test_a_damaged_label_shard_is_named(tmp_path):
 def test_label_shards_of_another_gistnet_or_setting_are_refused(measured, tmp_path):
     m, gist_state, _ = measured
     fp = lens_fit.gist_fingerprint(gist_state)
-    other = jax.tree.map(lambda a: a + 1e-3 if a.dtype == jnp.float32 else a, gist_state)
+    other = _another_gistnet(gist_state)
     assert lens_fit.gist_fingerprint(other) != fp
     base = dict(gist_sha256=fp, base="tiny", seq_len=256, horizon=16, mixtures=2, edits=4,
                 shard=8, seed=0, data_dir=None)
@@ -90,7 +98,7 @@ def test_eval_lens_compares_only_lensnets_fitted_on_the_same_gistnet(measured, m
     from mc_jax import eval_networks
 
     m, gist_state, labels = measured
-    other = jax.tree.map(lambda a: a + 1e-3 if a.dtype == jnp.float32 else a, gist_state)
+    other = _another_gistnet(gist_state)
     exports = {"same": (m, gist_state, "lens-a", {}), "other": (m, other, "lens-b", {})}
     monkeypatch.setattr(lens_fit, "load_models", lambda model, ck, n_wc, n_e: exports[ck])
     got = eval_networks._comparison_lensnets(None, m, gist_state, ["same"], 2, 4)
@@ -99,15 +107,15 @@ def test_eval_lens_compares_only_lensnets_fitted_on_the_same_gistnet(measured, m
         eval_networks._comparison_lensnets(None, m, gist_state, ["same", "other"], 2, 4)
 
 
-def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(measured, tmp_path,
+def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(tiny, tmp_path,
                                                                              monkeypatch):
     """eval_lens's loop on the tiny base (the real base and corpus replaced by the tiny ones):
     the same LensNet given as --compare scores identically (difference interval [0, 0]), and
     the saved per-edit arrays reproduce the reported Spearman."""
     from mc_jax import eval_networks, loading
 
-    m, gist_state, _ = measured
-    model, lens_state, toks = _EXTRA["model"], _EXTRA["lens_state"], _EXTRA["toks"]
+    m, gist_state, model, lens_state, toks = (tiny.m, tiny.gist_state, tiny.model,
+                                              tiny.lens_state, tiny.toks)
     monkeypatch.setattr(loading, "load_base", lambda base: model)
     monkeypatch.setattr(lens_fit, "load_models",
                         lambda mdl, ck, n_wc, n_e: (m, gist_state, lens_state, {"steps": 7}))

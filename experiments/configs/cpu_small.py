@@ -39,31 +39,23 @@ def get_config(variant=None):
     lens = dict(name="lens_rank", source="eval_networks", n_samples=6)
     cfg = dict(name="cpu_small", base=None, dtype="float32", checkpoint=None, seed=0,
                evaluators=[ppl, passkey, gist, lens, cost])
+    quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
+                  dict(name="python-4k", path=python, offset=0, tokens=4096)]
     if variant == "quick":
         # Sized for 2 cores shared with other jobs (measured time in docs/results.md): two
         # 4096-token documents (8x W), W=512, 6 scored blocks each; passkey 4x/16x, 3 depths,
         # needles straddling a block boundary.
-        quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
-                      dict(name="python-4k", path=python, offset=0, tokens=4096)]
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=6)
         passkey.update(history_mults=[4, 16], depths=[0.1, 0.5, 0.9], placements=["straddle"])
         cost.update(budgets=[512], doc=quick_docs[0], blocks=2)
-    elif variant == "recency48":
-        # Is recency with a trained GistNet really ahead of truncation? ppl only, the quick
-        # documents, 48 scored blocks each (1,536 tokens per document instead of 192); policies
-        # that need no LensNet. Run once per GistNet (--checkpoint).
-        quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
-                      dict(name="python-4k", path=python, offset=0, tokens=4096)]
+    elif variant in ("recency48", "lens48"):
+        # recency48: is recency with a trained GistNet really ahead of truncation? ppl only, the
+        # quick documents, 48 scored blocks each (1,536 tokens per document instead of 192);
+        # policies that need no LensNet. lens48 adds the lens policy: does a LensNet's focus beat
+        # recency and truncation on these 3,072 scored tokens? Run once per pair (--checkpoint).
         ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=48,
-                   policies=["full", "truncate", "sinks", "recency"])
-        cfg["evaluators"] = [ppl]
-    elif variant == "lens48":
-        # recency48 plus the lens policy: does a LensNet's focus beat recency and truncation on
-        # 3,072 scored tokens? Run once per GistNet/LensNet pair (--checkpoint).
-        quick_docs = [dict(name="genesis-4k", path=genesis, offset=0, tokens=4096),
-                      dict(name="python-4k", path=python, offset=0, tokens=4096)]
-        ppl.update(budgets=[512], docs=quick_docs, blocks_per_doc=48,
-                   policies=["full", "truncate", "sinks", "recency", "lens"])
+                   policies=["full", "truncate", "sinks", "recency"]
+                   + (["lens"] if variant == "lens48" else []))
         cfg["evaluators"] = [ppl]
     elif variant is not None:
         raise ValueError(f"cpu_small has variants: quick, recency48, lens48 (got {variant!r})")
