@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import base_model as bm
-from mc_jax.sampling import decode_step, prefill
+from mc_jax.base import base_model as bm
+from mc_jax.base.sampling import decode_step, prefill
 
 
 def timed(fn, repeats):
@@ -41,7 +41,7 @@ def main():
         cfg = bm.LlamaConfig.tiny(vocab_size=49152, max_seq_len=8192)
         params = bm.init_params(cfg, jax.random.PRNGKey(0))
     else:
-        from mc_jax.loading import load_base
+        from mc_jax.base.loading import load_base
         m = load_base(None if args.base == "default" else args.base)
         cfg, params = m.cfg, m.params
     params = bm.cast_params(params, jnp.dtype(args.dtype))

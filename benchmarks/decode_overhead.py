@@ -8,7 +8,7 @@ All figures come from one run, on one Session (one compile per jitted function):
 1. overhead at budget W: (a) the plain base model generating with a KV cache over W tokens
    (a cache of W slots prefilled with W - K tokens, K tokens decoded in one jitted `fori_loop`
    with the runtime's sampler: the same loop and cache size as (b)), seconds per token; also
-   reported, one jitted `mc_jax.sampling.decode_step` call per token from Python
+   reported, one jitted `mc_jax.base.sampling.decode_step` call per token from Python
    (`plain_python_loop_...`, which pays per-token dispatch and so flatters (b)); (b) the full
    MegaContext step (KV sync after the last refocus + K sampled tokens + GistNet ingest + LensNet
    + allocator), seconds per block / K. The two are timed in alternating pairs (`--pairs` per
@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import decode as dm
-from mc_jax import sampling
-from mc_jax import tree as tm
-from mc_jax import working_context as wcm
-from mc_jax.gistnet import GistNetConfig, build_gist_model
-from mc_jax.lensnet import LensNet, LensNetConfig
+from mc_jax.base import base_model as bm
+from mc_jax.runtime import decode as dm
+from mc_jax.base import sampling
+from mc_jax.core import tree as tm
+from mc_jax.core import working_context as wcm
+from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
+from mc_jax.nets.lensnet import LensNet, LensNetConfig
 
 K = 32
 HISTORIES = (8192, 65536, 1_000_000)
@@ -57,12 +57,12 @@ HISTORIES = (8192, 65536, 1_000_000)
 
 def load(name: str):
     if name == "tiny":
-        from mc_jax.evaluate import ByteTokenizer, TinyBase
+        from mc_jax.eval.sweep import ByteTokenizer, TinyBase
 
         cfg = bm.LlamaConfig.tiny()
         return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer()), \
             LensNetConfig.tiny(d_model=cfg.d_model, max_level=3)
-    from mc_jax.loading import load_base
+    from mc_jax.base.loading import load_base
 
     m = load_base()
     return m, LensNetConfig.small(d_model=m.cfg.d_model, max_level=3)

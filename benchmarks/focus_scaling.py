@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import focus
-from mc_jax import tree as tr
-from mc_jax import working_context as wcm
+from mc_jax.core import focus
+from mc_jax.core import tree as tr
+from mc_jax.core import working_context as wcm
 
 K = 32
 FILL_CHUNK = 1024  # blocks per bulk-append call

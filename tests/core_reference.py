@@ -312,9 +312,9 @@ class JitCore:
     def __init__(self, wcfg, fcfg, d=4, vocab=61, with_tree=True):
         import jax
         import jax.numpy as jnp
-        from mc_jax import focus
-        from mc_jax import tree as tr
-        from mc_jax import working_context as wcm
+        from mc_jax.core import focus
+        from mc_jax.core import tree as tr
+        from mc_jax.core import working_context as wcm
 
         self.wcfg, self.fcfg, self.K = wcfg, fcfg, wcfg.block_size
         self.table = dyadic_table(vocab, d)
@@ -344,7 +344,7 @@ class JitCore:
 
 
 def jit_table(wc):
-    from mc_jax.working_context import to_host_entries
+    from mc_jax.core.working_context import to_host_entries
     return to_host_entries(wc)
 
 

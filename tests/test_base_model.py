@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import base_model as bm
+from mc_jax.base import base_model as bm
 from mc_jax.errors import CapacityError, ConfigError, TokenError
 
 CFG = bm.LlamaConfig.tiny()
@@ -142,7 +142,7 @@ def test_cache_longer_than_model_context_is_rejected():
 
 
 def test_generate_rejects_prompt_beyond_context(params):
-    from mc_jax.sampling import generate
+    from mc_jax.base.sampling import generate
 
     cfg = bm.LlamaConfig.tiny(max_seq_len=64)
     with pytest.raises(CapacityError, match="exceeds the model's context"):
@@ -155,7 +155,7 @@ def test_bad_head_config():
 
 
 def test_sampling_greedy_top_p_and_temperature():
-    from mc_jax.sampling import sample_token
+    from mc_jax.base.sampling import sample_token
 
     logits = jnp.log(jnp.array([[0.05, 0.6, 0.3, 0.05]]))
     key = jax.random.PRNGKey(0)
@@ -168,7 +168,7 @@ def test_sampling_greedy_top_p_and_temperature():
 
 
 def test_greedy_generation_with_cache_equals_recompute(params):
-    from mc_jax.sampling import generate
+    from mc_jax.base.sampling import generate
 
     prompt = [3, 14, 15, 92, 65]
     got = list(generate(params, CFG, prompt, max_new_tokens=12))

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mc_jax import focus
-from mc_jax import tree as tr
-from mc_jax import working_context as wcm
+from mc_jax.core import focus
+from mc_jax.core import tree as tr
+from mc_jax.core import working_context as wcm
 from core_reference import (AGE_MAX, Illegal, JitCore, RefWC, assert_materialise_equal,
                             assert_wc_equal)
 

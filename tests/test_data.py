@@ -12,7 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mc_jax import corpus, data
+from mc_jax.data import corpus
+from mc_jax.data import pipeline as data
 from mc_jax.errors import ConfigError, MissingResourceError
 
 STDLIB = Path(corpus.default_stdlib_dir())
@@ -237,8 +238,8 @@ def test_another_tokenizer_is_refused(prepared):
 
 
 def test_cli_reports_an_existing_dataset(prepared, monkeypatch, capsys):
-    import mc_jax.tokenizer
-    monkeypatch.setattr(mc_jax.tokenizer, "load_tokenizer", lambda base=None: ByteTokenizer())
+    import mc_jax.base.tokenizer
+    monkeypatch.setattr(mc_jax.base.tokenizer, "load_tokenizer", lambda base=None: ByteTokenizer())
     opts = prepared["opts"]
     rc = data.prepare_data_cli([
         "--data-dir", str(prepared["data_dir"]), "--sources", "stdlib",
@@ -247,7 +248,7 @@ def test_cli_reports_an_existing_dataset(prepared, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "already prepared" in out and "validation  stdlib" in out
     try:  # the integrated `mc-jax prepare-data`, once it is wired
-        from mc_jax import cli
+        from mc_jax.cli import commands as cli
     except ImportError:
         return
     if "prepare-data" in cli.build_parser().format_help():

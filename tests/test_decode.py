@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import decode as dm
-from mc_jax import focus as fm
-from mc_jax import tree as tm
-from mc_jax import working_context as wcm
+from mc_jax.base import base_model as bm
+from mc_jax.runtime import decode as dm
+from mc_jax.core import focus as fm
+from mc_jax.core import tree as tm
+from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
-from mc_jax.evaluate import ByteTokenizer, TinyBase
-from mc_jax.gistnet import GistNetConfig, build_gist_model
-from mc_jax.lensnet import LensNet, LensNetConfig
-from mc_jax.policies import NotApplicable
+from mc_jax.eval.sweep import ByteTokenizer, TinyBase
+from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
+from mc_jax.nets.lensnet import LensNet, LensNetConfig
+from mc_jax.eval.policies.registry import NotApplicable
 
 K = 32
 W = 192
@@ -299,7 +299,9 @@ def test_cli_score_and_generate_show_focus(model, tmp_path, monkeypatch, capsys)
     no-networks fallback (mean-pool gists + recency) announced."""
     import json
 
-    from mc_jax import cli, eval_networks, loading
+    from mc_jax.cli import commands as cli
+    from mc_jax.eval import networks as eval_networks
+    from mc_jax.base import loading
 
     monkeypatch.setattr(loading, "load_base", lambda *a, **k: model)
     monkeypatch.setattr(eval_networks, "default_checkpoint", lambda: tmp_path / "no-networks")

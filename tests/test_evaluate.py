@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from mc_jax import base_model as bm
-from mc_jax import evaluate as ev
-from mc_jax import policies as pol
-from mc_jax import sampling
+from mc_jax.base import base_model as bm
+from mc_jax.eval import sweep as ev
+from mc_jax.eval.policies import registry as pol
+from mc_jax.base import sampling
 
 CFG = bm.LlamaConfig.tiny(vocab_size=256, max_seq_len=1024)
 
@@ -60,10 +60,10 @@ def test_full_answer_matches_plain_greedy_generation(model):
 
 
 def test_megacontext_policies_are_unavailable_without_the_runtime(model, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mc_jax.decode", None)  # import fails
-    with pytest.raises(pol.Unavailable, match="mc_jax.decode"):
+    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", None)  # import fails
+    with pytest.raises(pol.Unavailable, match="mc_jax.runtime.decode"):
         pol.make_policy("lens", model, 64)
-    monkeypatch.setitem(sys.modules, "mc_jax.decode", types.ModuleType("mc_jax.decode"))
+    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", types.ModuleType("mc_jax.runtime.decode"))
     with pytest.raises(pol.Unavailable, match="has no make_policy"):
         pol.make_policy("recency", model, 64)
 
@@ -132,14 +132,14 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
         "             blocks_per_doc=2)])\n" % (ev.Path("experiments/data/kjv_genesis.txt")
                                               .resolve()))
     out = tmp_path / "out"
-    monkeypatch.setitem(sys.modules, "mc_jax.decode", None)
+    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", None)
     r1 = ev.run_sweep(str(conf), out, progress=False, plots=False)
     assert r1["computed"] == 2
     assert ev.run_sweep(str(conf), out, progress=False, plots=False)["computed"] == 0
 
     calls = []
 
-    class Counting:  # a runtime policy with counters, as mc_jax.decode's have
+    class Counting:  # a runtime policy with counters, as mc_jax.runtime.decode's have
         def __init__(self, inner):
             self.inner, self.n = inner, {"blocks": 5, "actions": 1}  # counts from earlier docs
 
@@ -154,9 +154,9 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
         calls.append((name, budget, checkpoint))
         return Counting(pol.make_policy("truncate", base_model, budget))
 
-    fake = types.ModuleType("mc_jax.decode")
+    fake = types.ModuleType("mc_jax.runtime.decode")
     fake.make_policy = make_policy
-    monkeypatch.setitem(sys.modules, "mc_jax.decode", fake)
+    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", fake)
     r3 = ev.run_sweep(str(conf), out, progress=False, plots=False)
     assert r3["computed"] == 1 and calls == [("recency", 64, None)]
     rows = ev.read_rows(out / "results.jsonl")

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import focus
-from mc_jax import working_context as wcm
+from mc_jax.core import focus
+from mc_jax.core import working_context as wcm
 from mc_jax.errors import ConfigError
 from core_reference import AGE_MAX, JitCore, assert_wc_equal
 

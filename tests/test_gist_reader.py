@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import train, training_wc as twc
-from mc_jax.eval_networks import substitution_nll
-from mc_jax.train_config import load_config
+from mc_jax.base import base_model as bm
+from mc_jax.training import train
+from mc_jax.training import windows as twc
+from mc_jax.eval.networks import substitution_nll
+from mc_jax.training.config import load_config
 
 CFG = load_config("tiny:reader")
 

@@ -7,9 +7,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mc_jax.errors import ConfigError
-from mc_jax.gistnet import (GistNet, GistNetConfig, MeanPoolGist, as_gist_fn, build_gist_model,
+from mc_jax.nets.gistnet import (GistNet, GistNetConfig, MeanPoolGist, as_gist_fn, build_gist_model,
                             gist_fn_from_state)
-from mc_jax.nn import count_params, rms_normalise
+from mc_jax.nets.nn import count_params, rms_normalise
 from nnx_helpers import assert_every_param_has_gradient, rngs, run_unoptimised
 
 D = 48

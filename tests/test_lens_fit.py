@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import lens_fit, train
+from mc_jax.training import lens_fit
+from mc_jax.training import train
 from mc_jax.errors import McJaxError
-from mc_jax.train_config import load_config
+from mc_jax.training.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_label_shards_of_another_gistnet_or_setting_are_refused(measured, tmp_pa
 
 
 def test_eval_lens_compares_only_lensnets_fitted_on_the_same_gistnet(measured, monkeypatch):
-    from mc_jax import eval_networks
+    from mc_jax.eval import networks as eval_networks
 
     m, gist_state, labels = measured
     other = _another_gistnet(gist_state)
@@ -112,7 +113,8 @@ def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(tiny
     """eval_lens's loop on the tiny base (the real base and corpus replaced by the tiny ones):
     the same LensNet given as --compare scores identically (difference interval [0, 0]), and
     the saved per-edit arrays reproduce the reported Spearman."""
-    from mc_jax import eval_networks, loading
+    from mc_jax.eval import networks as eval_networks
+    from mc_jax.base import loading
 
     m, gist_state, model, lens_state, toks = (tiny.m, tiny.gist_state, tiny.model,
                                               tiny.lens_state, tiny.toks)

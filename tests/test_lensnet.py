@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mc_jax.errors import ConfigError
-from mc_jax.lensnet import LensNet, LensNetConfig, initial_latents, log_bucket
+from mc_jax.nets.lensnet import LensNet, LensNetConfig, initial_latents, log_bucket
 from nnx_helpers import assert_every_param_has_gradient, rngs, run_unoptimised
 
 D = 48

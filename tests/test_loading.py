@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import base_model as bm
-from mc_jax import loading
+from mc_jax.base import base_model as bm
+from mc_jax.base import loading
 from mc_jax.errors import ConfigError, CorruptFileError, MissingResourceError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>"]
@@ -99,7 +99,7 @@ def test_hf_directory_round_trip_gives_same_logits(tmp_path, tiny):
 
 
 def _tok_from_gguf_fields():
-    from mc_jax.tokenizer import tokenizer_from_gguf_fields
+    from mc_jax.base.tokenizer import tokenizer_from_gguf_fields
 
     return tokenizer_from_gguf_fields({
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
@@ -202,7 +202,7 @@ def test_missing_wheel_and_missing_files(tmp_path, monkeypatch):
 
 
 def test_cli_convert_base_reports_a_broken_file(tmp_path, capsys, monkeypatch):
-    from mc_jax.cli import main
+    from mc_jax.cli.commands import main
 
     monkeypatch.setenv("MC_JAX_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "broken.gguf"

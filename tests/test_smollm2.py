@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mc_jax.loading import load_base
+from mc_jax.base.loading import load_base
 
 pytestmark = pytest.mark.smollm2
 DATA = Path(__file__).parent / "data"
@@ -23,7 +23,7 @@ def test_architecture_facts(smollm2):
 
 
 def test_perplexity_of_english_prose_is_in_range(smollm2, capsys):
-    from mc_jax.cli import main
+    from mc_jax.cli.commands import main
 
     assert main(["perplexity", "--file", str(DATA / "prose.txt"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -32,7 +32,7 @@ def test_perplexity_of_english_prose_is_in_range(smollm2, capsys):
 
 
 def test_greedy_continuation_names_paris(smollm2, capsys):
-    from mc_jax.cli import main
+    from mc_jax.cli.commands import main
 
     assert main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0
@@ -59,7 +59,7 @@ def test_special_tokens(smollm2):
 
 
 def test_cli_rejects_a_binary_file(smollm2, tmp_path, capsys):
-    from mc_jax.cli import main
+    from mc_jax.cli.commands import main
 
     f = tmp_path / "blob.bin"
     f.write_bytes(b"\x00\x01\x02" * 100)

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mc_jax import base_model as bm
-from mc_jax import train, training_wc as twc
-from mc_jax.train_config import load_config
+from mc_jax.base import base_model as bm
+from mc_jax.training import train
+from mc_jax.training import windows as twc
+from mc_jax.training.config import load_config
 
 CFG = load_config("tiny")
 
@@ -150,7 +151,7 @@ def _restore_state(workdir, setup):
 def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_loss(
         tmp_path, setup, capsys):
     """One compiled step serves all of these (the step cache), so they share one test."""
-    from mc_jax.cli import main
+    from mc_jax.cli.commands import main
 
     # 1. an uninterrupted run of 12 steps through the CLI, on the 8-device mesh
     full = tmp_path / "full"

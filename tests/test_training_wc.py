@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mc_jax import training_wc as twc
+from mc_jax.training import windows as twc
 from mc_jax.errors import ConfigError
 
 K = 32

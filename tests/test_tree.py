@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import tree as tr
+from mc_jax.core import tree as tr
 from mc_jax.errors import CapacityError
 from core_reference import RefTree
 

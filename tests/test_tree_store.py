@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax import focus
-from mc_jax import tree as tr
-from mc_jax import tree_store as ts
-from mc_jax import working_context as wcm
+from mc_jax.core import focus
+from mc_jax.core import tree as tr
+from mc_jax.core import tree_store as ts
+from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, CorruptFileError
 from core_reference import dyadic_table
 

@@ -1,5 +1,5 @@
 """CPU sweep on the real base (SmolLM2-135M), budgets W = 512..1024, base-only policies plus the
-MegaContext policies (rows say "unavailable" until mc_jax.decode.make_policy exists).
+MegaContext policies (rows say "unavailable" until mc_jax.runtime.decode.make_policy exists).
 
     mc-jax eval --sweep experiments/configs/cpu_small.py            # ~40 min on 2 idle cores (est.)
     mc-jax eval --sweep experiments/configs/cpu_small.py:quick      # measured: see docs/results.md
@@ -32,7 +32,7 @@ def get_config(variant=None):
                    policy_kw={"full": {"max_len": 4096}})  # full answers only at 4x (cost)
     cost = dict(name="cost", policies=["truncate", "sinks"] + MC_POLICIES, budgets=budgets,
                 doc=docs[0], blocks=4)
-    # trained networks: mc_jax.eval_networks on held-out windows (needs --checkpoint or the
+    # trained networks: mc_jax.eval.networks on held-out windows (needs --checkpoint or the
     # default exported networks, and the prepared corpus)
     gist = dict(name="gist_dnll", source="eval_networks", levels=[1, 2],
                 gists=["gistnet", "meanpool", "untrained"], horizon=64, n_samples=6)

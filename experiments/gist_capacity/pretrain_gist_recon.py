@@ -35,11 +35,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mc_jax import base_model as bm, data, train
-from mc_jax.eval_networks import _validation_windows
-from mc_jax.lens_fit import load_models
-from mc_jax.loading import load_base
-from mc_jax.train_config import TrainConfig
+from mc_jax.base import base_model as bm
+from mc_jax.data import pipeline as data
+from mc_jax.training import train
+from mc_jax.eval.networks import _validation_windows
+from mc_jax.training.lens_fit import load_models
+from mc_jax.base.loading import load_base
+from mc_jax.training.config import TrainConfig
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--init", required=True, help="exported GistNet + LensNet to start from")

@@ -11,10 +11,11 @@ tokens it was fitted on. Compared with dropping the block and with the raw block
 """
 import argparse, json, time
 import numpy as np, jax, jax.numpy as jnp, optax
-from mc_jax.loading import load_base
-from mc_jax import base_model as bm, training_wc as twc
-from mc_jax.eval_networks import _validation_windows
-from mc_jax.train import packed_logits
+from mc_jax.base.loading import load_base
+from mc_jax.base import base_model as bm
+from mc_jax.training import windows as twc
+from mc_jax.eval.networks import _validation_windows
+from mc_jax.training.train import packed_logits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--windows", type=int, default=4)

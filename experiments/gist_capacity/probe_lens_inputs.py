@@ -31,11 +31,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mc_jax import base_model as bm
-from mc_jax import data, lens_fit, train
-from mc_jax.eval_networks import _validation_windows, bootstrap_spearman, spearman
-from mc_jax.gistnet import as_gist_fn
-from mc_jax.loading import load_base
+from mc_jax.base import base_model as bm
+from mc_jax.data import pipeline as data
+from mc_jax.training import lens_fit
+from mc_jax.training import train
+from mc_jax.eval.networks import _validation_windows, bootstrap_spearman, spearman
+from mc_jax.nets.gistnet import as_gist_fn
+from mc_jax.base.loading import load_base
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--checkpoint", default="experiments/gist_capacity/recon_stage2_pair")

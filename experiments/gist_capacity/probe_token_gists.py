@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mc_jax import base_model as bm, data
-from mc_jax.eval_networks import (_gist_variants, _validation_windows, raw_nll,
+from mc_jax.base import base_model as bm
+from mc_jax.data import pipeline as data
+from mc_jax.eval.networks import (_gist_variants, _validation_windows, raw_nll,
                                   substitution_nll)
-from mc_jax.train import load_networks
-from mc_jax.eval_networks import default_checkpoint
-from mc_jax.loading import load_base
+from mc_jax.training.train import load_networks
+from mc_jax.eval.networks import default_checkpoint
+from mc_jax.base.loading import load_base
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--docs", type=int, default=12)

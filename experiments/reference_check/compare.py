@@ -11,9 +11,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import base_model as bm
-from mc_jax.loading import load_base
-from mc_jax.perplexity import ids_perplexity
+from mc_jax.base import base_model as bm
+from mc_jax.base.loading import load_base
+from mc_jax.base.perplexity import ids_perplexity
 
 ref = np.load(sys.argv[1])
 model = load_base()

@@ -1,8 +1,9 @@
 """Which one-vector stand-in for a block hurts the horizon least? (forward only, SmolLM2)"""
 import sys, numpy as np, jax, jax.numpy as jnp
-from mc_jax.loading import load_base
-from mc_jax import base_model as bm, training_wc as twc
-from mc_jax.eval_networks import _validation_windows, raw_nll, _packed_nll
+from mc_jax.base.loading import load_base
+from mc_jax.base import base_model as bm
+from mc_jax.training import windows as twc
+from mc_jax.eval.networks import _validation_windows, raw_nll, _packed_nll
 m = load_base(None)
 p, cfg = m.params, m.cfg
 H, Wt = 64, 512
@@ -33,7 +34,7 @@ for ids in wins:
         n = np.asarray(_packed_nll(p, cfg, x, pos, valid, jnp.broadcast_to(hor, (len(blocks), H)), Wt))
         res[name].append(n - r)
     # drop: via substitution_nll
-    from mc_jax.eval_networks import substitution_nll
+    from mc_jax.eval.networks import substitution_nll
     d = substitution_nll(p, cfg, lambda lv, x: x.mean(-2), ids, level=1, blocks=blocks, horizon=H, drop=True)
     res["drop"].append(d - r)
     print({k: np.round(np.mean(v, 0), 4).tolist() for k, v in res.items() if v}, flush=True)

@@ -244,7 +244,7 @@ def check_tree(tree: Tree, cfg: TreeConfig | None = None) -> Tree:
         raise CapacityError(f"append would pass the tree capacity{cap} "
                             f"(tree holds {np.asarray(tree.num_tokens)} tokens); nothing was "
                             "appended by that call. Raise TreeConfig.capacity_blocks, or page "
-                            "the tree to host memory (mc_jax.tree_store.HostTree)")
+                            "the tree to host memory (mc_jax.core.tree_store.HostTree)")
     if np.any(err & ERR_MISALIGNED):
         raise ValueError("append_blocks needs an empty open block (num_tokens % K == 0); "
                          "finish the open block with append_tokens first")

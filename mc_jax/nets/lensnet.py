@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mc_jax.errors import ConfigError
-from mc_jax.nn import CrossBlock, Mlp, SelfBlock, compute_dtype
+from mc_jax.nets.nn import CrossBlock, Mlp, SelfBlock, compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)

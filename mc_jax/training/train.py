@@ -42,12 +42,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mc_jax import base_model as bm
-from mc_jax import training_wc as twc
+from mc_jax.base import base_model as bm
+from mc_jax.training import windows as twc
 from mc_jax.errors import ConfigError, McJaxError
-from mc_jax.gistnet import GistNetConfig, as_gist_fn, build_gist_model
-from mc_jax.lensnet import LensNet, LensNetConfig
-from mc_jax.train_config import TrainConfig, add_train_args, load_config
+from mc_jax.nets.gistnet import GistNetConfig, as_gist_fn, build_gist_model
+from mc_jax.nets.lensnet import LensNet, LensNetConfig
+from mc_jax.training.config import TrainConfig, add_train_args, load_config
 
 
 class TrainingDivergedError(McJaxError):
@@ -76,7 +76,7 @@ def load_frozen_base(cfg: TrainConfig):
     if cfg.base == "tiny":
         bcfg = bm.LlamaConfig.tiny()
         return bcfg, bm.init_params(bcfg, jax.random.PRNGKey(1234)), None
-    from mc_jax.loading import load_base
+    from mc_jax.base.loading import load_base
 
     m = load_base(None if cfg.base == "default" else cfg.base, dtype=cfg.base_dtype)
     return m.cfg, m.params, m.tokenizer
@@ -403,7 +403,7 @@ def _lens_loss(lens_state, base_params, levels_MxN, nll_M, gists, emb, hor_emb, 
 def lens_loss_measured(lens_state, levels_MxN, nll_M, nll_e, blocks, kinds, evalid, gists,
                        m: Models):
     """LensNet loss and metrics from already measured single-edit NLLs nll_e [M, E] (online:
-    `_lens_loss`; offline, from a cached label set: `mc_jax.lens_fit`)."""
+    `_lens_loss`; offline, from a cached label set: `mc_jax.training.lens_fit`)."""
     cfg, pc = m.cfg, m.pack
     d, t = utility_targets(nll_M, nll_e, kinds, cfg)
     out, f = lens_scores(lens_state, levels_MxN, gists, m)
@@ -569,7 +569,7 @@ class SyntheticBatches:
 def make_batches(cfg: TrainConfig, m: Models, mesh: Mesh, split: str = "train"):
     if cfg.data == "synthetic":
         return SyntheticBatches(cfg, m.base_cfg.vocab_size, mesh)
-    from mc_jax import data
+    from mc_jax.data import pipeline as data
 
     src = data.open_split(split, m.tokenizer, data_dir=cfg.data_dir)
     wcfg = data.WindowConfig(cfg.seq_len + cfg.horizon, cfg.batch_size, seed=cfg.seed)

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from mc_jax.errors import ConfigError
-from mc_jax import working_context as wcm
-from mc_jax.working_context import WCConfig, WorkingContext
+from mc_jax.core import working_context as wcm
+from mc_jax.core.working_context import WCConfig, WorkingContext
 
 KIND_NONE, KIND_EXPAND, KIND_COLLAPSE, KIND_FORCED = 0, 1, 2, 3
 # reason codes: per log row, and for the step (stop_reason)

@@ -16,7 +16,7 @@ def _add_base(p):
 
 
 def cmd_convert_base(args) -> int:
-    from mc_jax.loading import convert_gguf, default_gguf_path, resolve_base
+    from mc_jax.base.loading import convert_gguf, default_gguf_path, resolve_base
     from pathlib import Path
 
     if args.base and Path(args.base).is_dir():
@@ -31,14 +31,14 @@ def cmd_convert_base(args) -> int:
 
 def cmd_generate(args) -> int:
     if args.input or args.question or args.budget:
-        from mc_jax.decode import generate_cli  # MegaContext runtime (long histories)
+        from mc_jax.runtime.decode import generate_cli  # MegaContext runtime (long histories)
 
         return generate_cli(args)
     if args.prompt is None:
         print("error: give --prompt TEXT (or --input FILE for a long history)", file=sys.stderr)
         return 2
-    from mc_jax.loading import load_base
-    from mc_jax.sampling import Timer, generate, stream_text
+    from mc_jax.base.loading import load_base
+    from mc_jax.base.sampling import Timer, generate, stream_text
 
     model = load_base(args.base, dtype=args.dtype)
     prompt = model.tokenizer.encode(args.prompt)
@@ -60,8 +60,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from mc_jax.loading import load_base
-    from mc_jax.perplexity import file_perplexity
+    from mc_jax.base.loading import load_base
+    from mc_jax.base.perplexity import file_perplexity
 
     model = load_base(args.base, dtype=args.dtype)
     res = file_perplexity(model, args.file, max_tokens=args.max_tokens)
@@ -156,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: JSON summary")
     _add_runtime_args(p)
     _add_base(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.decode").score_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.runtime.decode").score_cli(a))
 
-    from mc_jax.train_config import add_train_args
+    from mc_jax.training.config import add_train_args
 
     p = sub.add_parser("train", help="train GistNet and LensNet against the frozen base")
     add_train_args(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.train").train_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.training.train").train_cli(a))
 
     p = sub.add_parser("fit-lens", help="fit LensNet offline on measured single-edit "
                                         "utilities (GistNet from --checkpoint, unchanged)")
@@ -182,22 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="write GistNet + fitted LensNet here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_base(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.lens_fit").fit_lens_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.training.lens_fit").fit_lens_cli(a))
 
     p = sub.add_parser("eval-gists", help="delta-NLL@H of gist substitution per level "
                                           "(GistNet vs mean-pool vs untrained vs dropping)")
     _add_eval_args(p, lens=False)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.eval_networks").eval_gists_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.networks").eval_gists_cli(a))
     p = sub.add_parser("eval-lens", help="Spearman of LensNet scores vs measured edit utility")
     _add_eval_args(p, lens=True)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.eval_networks").eval_lens_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.networks").eval_lens_cli(a))
 
     p = sub.add_parser("eval", help="run an evaluation sweep "
                                     "(experiments/configs/NAME.py[:VARIANT])")
-    from mc_jax.evaluate import add_eval_args
+    from mc_jax.eval.sweep import add_eval_args
 
     add_eval_args(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.evaluate").eval_cli(a))
+    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.sweep").eval_cli(a))
 
     _register_optional(sub)
     return parser
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_optional(sub) -> None:
     """Subcommands whose modules land separately (data, training, evaluation)."""
     try:
-        from mc_jax import data
+        from mc_jax.data import pipeline as data
     except ImportError:
         data = None
     if data is not None and hasattr(data, "add_prepare_data_args"):

@@ -458,7 +458,7 @@ def entry_spans(wc: WorkingContext, cfg: WCConfig):
 
 
 def gather_entries(wc: WorkingContext, tree, cfg: WCConfig) -> EntryData:
-    """Device gather of each entry's tokens / vector from a device `mc_jax.tree.Tree`.
+    """Device gather of each entry's tokens / vector from a device `mc_jax.core.tree.Tree`.
 
     Cost is E_max * (K + depth * D), independent of the tree's capacity.
     """

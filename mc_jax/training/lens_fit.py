@@ -35,18 +35,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import train
-from mc_jax import training_wc as twc
+from mc_jax.base import base_model as bm
+from mc_jax.training import train
+from mc_jax.training import windows as twc
 from mc_jax.errors import McJaxError
-from mc_jax.gistnet import as_gist_fn
-from mc_jax.lensnet import LensNet
+from mc_jax.nets.gistnet import as_gist_fn
+from mc_jax.nets.lensnet import LensNet
 
 
 def load_models(model, checkpoint, n_mix: int, n_edits: int):
     """(Models for n_mix mixtures x n_edits edits per window, GistNet state, LensNet state, info)
     from an exported checkpoint (also used by `eval_networks.eval_lens`)."""
-    from mc_jax.train_config import TrainConfig
+    from mc_jax.training.config import TrainConfig
 
     gist, lens, info = train.load_networks(checkpoint, model.cfg)
     tcfg = TrainConfig(**info["train_config"])
@@ -64,7 +64,7 @@ def load_models(model, checkpoint, n_mix: int, n_edits: int):
 def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
     """GistNet unchanged + the fitted LensNet; the metadata keeps the GistNet run's own
     train_config (its training is what it describes) and adds `lens_fit`."""
-    from mc_jax.train_config import TrainConfig
+    from mc_jax.training.config import TrainConfig
 
     meta = {k: v for k, v in info.items()
             if k not in ("train_config", "gist_config", "lens_config", "dtype")}
@@ -154,7 +154,7 @@ def check_manifest(workdir: Path, manifest: dict, log=print) -> None:
 def shard_windows(src, pc: twc.PackConfig, seed: int, j: int):
     """The iterator of C + H token windows behind label shard j: seeded by the shard index, so
     a resumed run (or a probe re-reading the shard's text) draws the same windows."""
-    from mc_jax import data
+    from mc_jax.data import pipeline as data
 
     return data.make_batch_iterator(src, data.WindowConfig(pc.seq_len + pc.horizon, 1,
                                                            seed=seed * 100_003 + j))
@@ -167,7 +167,7 @@ def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int =
     shards measured with another GistNet or other settings are refused, see check_manifest)."""
     from tqdm import tqdm
 
-    from mc_jax import data
+    from mc_jax.data import pipeline as data
 
     pc = m.pack
     check_manifest(workdir, dict(
@@ -232,7 +232,7 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
     """Fit a fresh LensNet on the labels. -> (Models with its graph, lens_state, summary)."""
     from tqdm import tqdm
 
-    from mc_jax.eval_networks import spearman
+    from mc_jax.eval.networks import spearman
 
     n = len(labels["nll"])
     n_val = max(1, int(round(n * val_frac))) if n > 1 else 0
@@ -294,8 +294,8 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
 
 
 def fit_lens_cli(args) -> int:
-    from mc_jax.eval_networks import default_checkpoint
-    from mc_jax.loading import load_base
+    from mc_jax.eval.networks import default_checkpoint
+    from mc_jax.base.loading import load_base
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     workdir = Path(args.workdir)

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mc_jax.corpus import (DATASET_NAME, DEFAULT_MIN_DOC_TOKENS, DEFAULT_VALIDATION_PERCENT,
+from mc_jax.data.corpus import (DATASET_NAME, DEFAULT_MIN_DOC_TOKENS, DEFAULT_VALIDATION_PERCENT,
                            SOURCES, VERSION, CorpusConfig, McJaxCorpus, TokenizerIdentity,
                            TokenizerLike, TokenizerMismatchError, check_tokenizer,
                            corpus_documents, make_config, register_tokenizer,
@@ -74,11 +74,11 @@ def prepare_data(data_dir: str | os.PathLike | None = None,
                  bible_cmd: str | None = None, progress: bool = True) -> PreparedData:
     """Tokenises the corpora into `data_dir` as `mc_jax_corpus/<config>/<version>`; idempotent.
 
-    `tokenizer` defaults to `mc_jax.tokenizer.load_tokenizer()`. A missing corpus raises
+    `tokenizer` defaults to `mc_jax.base.tokenizer.load_tokenizer()`. A missing corpus raises
     MissingResourceError naming the Debian package; stdlib always works.
     """
     if tokenizer is None:
-        from mc_jax.tokenizer import load_tokenizer
+        from mc_jax.base.tokenizer import load_tokenizer
         tokenizer = load_tokenizer()
     config = make_config(tokenizer, sources=sources, min_doc_tokens=min_doc_tokens,
                          validation_percent=validation_percent, stdlib_dir=stdlib_dir,
@@ -140,7 +140,7 @@ def add_prepare_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_prepare_data(args: argparse.Namespace) -> int:
     """Runs `prepare-data` from parsed arguments; prints where the data is and its statistics."""
-    from mc_jax.tokenizer import load_tokenizer
+    from mc_jax.base.tokenizer import load_tokenizer
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     prepared = prepare_data(args.data_dir, load_tokenizer(args.base), sources=sources,
                             min_doc_tokens=args.min_doc_tokens,

@@ -45,12 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mc_jax import base_model as bm
-from mc_jax import focus as fm
-from mc_jax import tree as tm
-from mc_jax import working_context as wcm
+from mc_jax.base import base_model as bm
+from mc_jax.core import focus as fm
+from mc_jax.core import tree as tm
+from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
-from mc_jax.sampling import sample_token
+from mc_jax.base.sampling import sample_token
 
 POLICIES = ("lens", "recency", "truncate")
 KV_MODES = ("exact", "approx")
@@ -553,14 +553,14 @@ def load_nets(base_model, checkpoint=None, *, need_trained: bool, depth: int = 2
     With no networks there: MissingResourceError if need_trained, else mean-pool gists (and
     no LensNet), announced through `log`.
     """
-    from mc_jax.eval_networks import default_checkpoint
-    from mc_jax.gistnet import GistNetConfig, build_gist_model
+    from mc_jax.eval.networks import default_checkpoint
+    from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
 
     path = Path(checkpoint) if checkpoint else default_checkpoint()
     if meanpool:
         log = None
     elif (path / "networks.json").is_file():
-        from mc_jax.train import load_networks
+        from mc_jax.training.train import load_networks
 
         try:
             gist, lens, info = load_networks(path, base_model.cfg)
@@ -569,7 +569,7 @@ def load_nets(base_model, checkpoint=None, *, need_trained: bool, depth: int = 2
         return gist, lens, dict(info, checkpoint=str(path))
     if not meanpool and checkpoint and path.exists():
         raise MissingResourceError(f"{path} has no networks.json: not an exported GistNet/"
-                                   "LensNet checkpoint (mc_jax.train.export_networks writes one)")
+                                   "LensNet checkpoint (mc_jax.training.train.export_networks writes one)")
     if need_trained and not meanpool:
         raise MissingResourceError(
             f"trained GistNet/LensNet not found at {path}; train and export them "
@@ -708,7 +708,7 @@ class MegaContextPolicy:
         return s
 
     def nll_stream(self, ids_N, blocks: Sequence[int] | None = None) -> np.ndarray:
-        from mc_jax.policies import check_blocks
+        from mc_jax.eval.policies.registry import check_blocks
 
         ids = bm.check_token_ids(ids_N, self.model.cfg).reshape(-1)
         blocks = check_blocks(ids, blocks)
@@ -746,7 +746,7 @@ class MegaContextPolicy:
         try:
             return answer_after_wc(s, ids[n_full:], q, max_new_tokens)
         except CapacityError as e:
-            from mc_jax.policies import NotApplicable
+            from mc_jax.eval.policies.registry import NotApplicable
 
             raise NotApplicable(str(e)) from e
 
@@ -864,7 +864,7 @@ class OraclePolicy(MegaContextPolicy):
         pass
 
     def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
-        from mc_jax.policies import NotApplicable
+        from mc_jax.eval.policies.registry import NotApplicable
 
         raise NotApplicable("the oracle picks its focus by the NLL of the tokens it scores; it "
                             "does not know an answer's tokens in advance")
@@ -880,7 +880,7 @@ def _wc_inputs(rt, params, state):
 def answer_after_wc(s: Session, tail_ids, question_ids, max_new_tokens: int) -> str:
     """Greedy answer after [WC of the ingested history || tail (partial block) || question];
     the tail and question sit outside the budget, in a fresh cache sized to fit."""
-    from mc_jax import sampling
+    from mc_jax.base import sampling
 
     model, rt = s.model, s.rt
     x_SxD, pos_S, sig_S, valid_S, gist_S, next_pos = jax.device_get(
@@ -983,7 +983,7 @@ def make_policy(name: str, base_model, budget: int, checkpoint=None, **kw):
         try:
             wcm.WCConfig(w_max=int(budget), depth=depth)
         except ConfigError as e:
-            from mc_jax.policies import NotApplicable
+            from mc_jax.eval.policies.registry import NotApplicable
 
             raise NotApplicable(f"budget {budget}: {e}") from e
 
@@ -1163,9 +1163,9 @@ def _progress(total: int, desc: str):
 
 def generate_cli(args) -> int:
     """mc-jax generate --input FILE [--question Q] [--budget W] [--show-focus] ..."""
-    from mc_jax.loading import load_base
-    from mc_jax.perplexity import read_text
-    from mc_jax.sampling import stream_text
+    from mc_jax.base.loading import load_base
+    from mc_jax.base.perplexity import read_text
+    from mc_jax.base.sampling import stream_text
 
     log = lambda m: print(m, file=sys.stderr, flush=True)
     if args.input:
@@ -1234,8 +1234,8 @@ def generate_cli(args) -> int:
 
 def score_cli(args) -> int:
     """mc-jax score --input FILE: teacher-forced streaming NLL under MegaContext."""
-    from mc_jax.loading import load_base
-    from mc_jax.perplexity import read_text
+    from mc_jax.base.loading import load_base
+    from mc_jax.base.perplexity import read_text
 
     log = lambda m: print(m, file=sys.stderr, flush=True)
     text = read_text(args.input)

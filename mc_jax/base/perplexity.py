@@ -12,9 +12,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import base_model as bm
+from mc_jax.base import base_model as bm
 from mc_jax.errors import InputError
-from mc_jax.sampling import bucket
+from mc_jax.base.sampling import bucket
 
 
 def read_text(path: str | Path) -> str:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import base_model as bm
+from mc_jax.base import base_model as bm
 from mc_jax.errors import CapacityError
 
 

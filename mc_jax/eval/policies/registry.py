@@ -19,7 +19,7 @@ W-4, StreamingLLM; positions compact 0..len-1 as in StreamingLLM). Inputs are pa
 length per budget (W + 32 for scoring) with validity masks, so a sweep compiles once per W.
 
 MegaContext policies (`recency`, `meanpool`, `lens`, `oracle`) come from the runtime:
-`mc_jax.decode.make_policy(name, base_model, budget, checkpoint=None, **kw)` must return an object
+`mc_jax.runtime.decode.make_policy(name, base_model, budget, checkpoint=None, **kw)` must return an object
 with the same two methods. While it does not exist the adapter raises `Unavailable`, and the sweep
 records an "unavailable: <reason>" row instead of a number.
 
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mc_jax import base_model as bm
-from mc_jax import sampling
+from mc_jax.base import base_model as bm
+from mc_jax.base import sampling
 from mc_jax.errors import InputError, MissingResourceError
 
 K = 32
@@ -301,10 +301,10 @@ class FullPolicy:
 
 
 # ------------------------------------------------------------------------------------------------
-# MegaContext policies: adapters over the runtime (mc_jax.decode)
+# MegaContext policies: adapters over the runtime (mc_jax.runtime.decode)
 
 
-def runtime_function(name: str, modules=("mc_jax.decode",)):
+def runtime_function(name: str, modules=("mc_jax.runtime.decode",)):
     """Find `name` in the runtime modules, or raise `Unavailable` saying what is missing."""
     reasons = []
     for mod_name in modules:
@@ -326,8 +326,8 @@ def _mc_factory(policy_name: str):
         try:
             return make(policy_name, model, budget, checkpoint=checkpoint, **kw)
         except (NotImplementedError, MissingResourceError) as e:
-            raise Unavailable(f"mc_jax.decode.make_policy({policy_name!r}): {e}") from e
-    factory.__doc__ = f"MegaContext policy {policy_name!r} from mc_jax.decode.make_policy."
+            raise Unavailable(f"mc_jax.runtime.decode.make_policy({policy_name!r}): {e}") from e
+    factory.__doc__ = f"MegaContext policy {policy_name!r} from mc_jax.runtime.decode.make_policy."
     return factory
 
 

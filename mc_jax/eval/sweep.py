@@ -18,7 +18,7 @@ items are retried on every run and replaced once they compute. At the end the fo
 Evaluators: `ppl` (long-document perplexity by teacher-forced streaming and the fraction of the
 truncate -> full gap each policy closes), `passkey` (retrieval of a 5-digit key hidden in long
 filler), `gist_dnll` and `lens_rank` (need the trained networks, via the runtime), `cost` (time per
-scored block, ratio to truncate measured in the same item). Policies: `mc_jax.policies`.
+scored block, ratio to truncate measured in the same item). Policies: `mc_jax.eval.policies.registry`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mc_jax import policies as pol
+from mc_jax.eval.policies import registry as pol
 from mc_jax.errors import ConfigError, InputError, MissingResourceError
-from mc_jax.perplexity import read_text
+from mc_jax.base.perplexity import read_text
 
 K = pol.K
 RESULTS = "results.jsonl"
@@ -114,14 +114,14 @@ def build_base(base, dtype: str | None = None, base_kw: dict | None = None):
     if base == "tiny":
         import jax
 
-        from mc_jax import base_model as bm
+        from mc_jax.base import base_model as bm
 
         kw = dict(vocab_size=256)
         kw.update(base_kw or {})
         seed = kw.pop("seed", 0)
         cfg = bm.LlamaConfig.tiny(**kw)
         return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(seed)), ByteTokenizer())
-    from mc_jax.loading import load_base
+    from mc_jax.base.loading import load_base
 
     return load_base(base, dtype=dtype)
 
@@ -588,7 +588,7 @@ class PasskeyEvaluator(Evaluator):
 
 
 def _runtime_call(fn_name: str, **kw) -> dict:
-    fn = pol.runtime_function(fn_name, ("mc_jax.decode", "mc_jax.train"))
+    fn = pol.runtime_function(fn_name, ("mc_jax.runtime.decode", "mc_jax.training.train"))
     try:
         out = fn(**kw)
     except (NotImplementedError, MissingResourceError) as e:
@@ -597,14 +597,14 @@ def _runtime_call(fn_name: str, **kw) -> dict:
 
 
 def _eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
-    """`mc_jax.eval_networks.eval_gists / eval_lens` (held-out validation windows of the prepared
+    """`mc_jax.eval.networks.eval_gists / eval_lens` (held-out validation windows of the prepared
     corpus, trained networks from `checkpoint`), memoised per call: one call serves every row."""
     if ctx.cfg.get("base") == "tiny":
         raise pol.Unavailable("eval_networks needs the real base model, not the tiny random one")
     try:
-        import mc_jax.eval_networks as en
+        import mc_jax.eval.networks as en
     except ImportError as e:
-        raise pol.Unavailable(f"mc_jax.eval_networks not importable ({e})") from e
+        raise pol.Unavailable(f"mc_jax.eval.networks not importable ({e})") from e
     ckpt = ctx.checkpoint or en.default_checkpoint()
     if not (Path(ckpt) / "networks.json").exists():
         raise pol.Unavailable(f"no trained networks at {ckpt} (give --checkpoint DIR, an "
@@ -620,11 +620,11 @@ def _eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
 @register_evaluator("gist_dnll")
 class GistDeltaNLLEvaluator(Evaluator):
     """Delta-NLL@H of substituting one block (one node at `level`) by its gist, GistNet vs
-    mean-pool. With `source="eval_networks"`: `mc_jax.eval_networks.eval_gists` on held-out
+    mean-pool. With `source="eval_networks"`: `mc_jax.eval.networks.eval_gists` on held-out
     validation windows (`n_samples` windows; needs the prepared corpus and a checkpoint).
     Otherwise the runtime contract: `gist_dnll(model=, checkpoint=, ids=, level=, horizon=, gist=
-    "gistnet"|"meanpool", n_samples=, seed=) -> {"dnll": float, ...}` in mc_jax.decode or
-    mc_jax.train."""
+    "gistnet"|"meanpool", n_samples=, seed=) -> {"dnll": float, ...}` in mc_jax.runtime.decode or
+    mc_jax.training.train."""
 
     title = "Delta-NLL@H of one-node gist substitution"
 
@@ -652,7 +652,7 @@ class GistDeltaNLLEvaluator(Evaluator):
             return dict(dnll=res[name], dnll_sem=res.get(f"{name}_sem"),
                         dnll_drop=res.get(f"lod{item['level']}_drop"),
                         trained_steps=res.get("trained_steps"))
-        pol.runtime_function("gist_dnll", ("mc_jax.decode", "mc_jax.train"))
+        pol.runtime_function("gist_dnll", ("mc_jax.runtime.decode", "mc_jax.training.train"))
         doc = next(d for d in ecfg["docs"] if d["name"] == item["doc"])
         return _runtime_call("gist_dnll", model=ctx.model, checkpoint=ctx.checkpoint,
                              ids=ctx.doc_ids(doc), level=item["level"], horizon=item["horizon"],
@@ -668,10 +668,10 @@ class GistDeltaNLLEvaluator(Evaluator):
 @register_evaluator("lens_rank")
 class LensRankEvaluator(Evaluator):
     """How well LensNet scores rank measured single-edit delta-NLL (Spearman). With
-    `source="eval_networks"`: `mc_jax.eval_networks.eval_lens` (mixture WCs sampled as in
+    `source="eval_networks"`: `mc_jax.eval.networks.eval_lens` (mixture WCs sampled as in
     training, on `n_samples` held-out windows). Otherwise the runtime contract:
     `lens_rank(model=, checkpoint=, ids=, budget=, horizon=, n_samples=, seed=) ->
-    {"spearman": float, ...}` in mc_jax.decode or mc_jax.train."""
+    {"spearman": float, ...}` in mc_jax.runtime.decode or mc_jax.training.train."""
 
     title = "LensNet ranking of measured edit utilities"
 
@@ -689,7 +689,7 @@ class LensRankEvaluator(Evaluator):
         if ecfg.get("source") == "eval_networks":
             res = _eval_networks(ctx, "eval_lens", n_docs=item["n_samples"], seed=item["seed"])
             return {k: v for k, v in res.items() if k != "checkpoint"}
-        pol.runtime_function("lens_rank", ("mc_jax.decode", "mc_jax.train"))
+        pol.runtime_function("lens_rank", ("mc_jax.runtime.decode", "mc_jax.training.train"))
         doc = next(d for d in ecfg["docs"] if d["name"] == item["doc"])
         return _runtime_call("lens_rank", model=ctx.model, checkpoint=ctx.checkpoint,
                              ids=ctx.doc_ids(doc), budget=item["W"], horizon=item["horizon"],
