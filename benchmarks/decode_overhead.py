@@ -57,7 +57,7 @@ HISTORIES = (8192, 65536, 1_000_000)
 
 def load(name: str):
     if name == "tiny":
-        from mc_jax.eval.sweep import ByteTokenizer, TinyBase
+        from mc_jax.base.tiny import ByteTokenizer, TinyBase
 
         cfg = bm.LlamaConfig.tiny()
         return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer()), \

@@ -19,7 +19,7 @@ from mc_jax.core import focus as fm
 from mc_jax.core import tree as tm
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
-from mc_jax.eval.sweep import ByteTokenizer, TinyBase
+from mc_jax.base.tiny import ByteTokenizer, TinyBase
 from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
 from mc_jax.nets.lensnet import LensNet, LensNetConfig
 from mc_jax.eval.policies.registry import NotApplicable
@@ -300,11 +300,11 @@ def test_cli_score_and_generate_show_focus(model, tmp_path, monkeypatch, capsys)
     import json
 
     from mc_jax.cli import commands as cli
-    from mc_jax.eval import networks as eval_networks
+    from mc_jax.nets import io as nets_io
     from mc_jax.base import loading
 
     monkeypatch.setattr(loading, "load_base", lambda *a, **k: model)
-    monkeypatch.setattr(eval_networks, "default_checkpoint", lambda: tmp_path / "no-networks")
+    monkeypatch.setattr(nets_io, "default_checkpoint", lambda: tmp_path / "no-networks")
     doc = tmp_path / "doc.txt"
     doc.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n"
                            for i in range(40)))

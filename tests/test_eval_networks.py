@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mc_jax.base import base_model as bm
-from mc_jax.eval.networks import raw_nll, spearman, substitution_nll
+from mc_jax.eval.networks import raw_nll, substitution_nll
+from mc_jax.stats import spearman
 
 CFG = bm.LlamaConfig.tiny()
 H = 8
@@ -62,7 +63,7 @@ def test_spearman():
 
 
 def test_window_bootstrap_is_wider_when_a_windows_edits_move_together():
-    from mc_jax.eval.networks import bootstrap_spearman
+    from mc_jax.stats import bootstrap_spearman
 
     rng = np.random.default_rng(1)
     g = np.repeat(np.arange(12), 16)  # 12 windows x 16 edits, like eval-lens --docs 12
@@ -80,7 +81,7 @@ def test_window_bootstrap_is_wider_when_a_windows_edits_move_together():
 
 
 def test_paired_difference_interval_of_two_lensnets_on_the_same_edits():
-    from mc_jax.eval.networks import bootstrap_spearman, bootstrap_spearman_diff
+    from mc_jax.stats import bootstrap_spearman, bootstrap_spearman_diff
 
     rng = np.random.default_rng(2)
     g = np.repeat(np.arange(24), 16)
@@ -100,7 +101,7 @@ def test_paired_difference_interval_of_two_lensnets_on_the_same_edits():
 
 
 def test_within_window_ranking_ignores_what_only_separates_windows():
-    from mc_jax.eval.networks import within_window
+    from mc_jax.stats import within_window
 
     rng = np.random.default_rng(3)
     g = np.repeat(np.arange(24), 16)

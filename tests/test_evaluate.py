@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mc_jax.base import base_model as bm
+from mc_jax.base import tiny
 from mc_jax.eval import sweep as ev
 from mc_jax.eval.policies import registry as pol
 from mc_jax.base import sampling
@@ -18,7 +19,7 @@ CFG = bm.LlamaConfig.tiny(vocab_size=256, max_seq_len=1024)
 
 @pytest.fixture(scope="module")
 def model():
-    return ev.TinyBase(CFG, bm.init_params(CFG, jax.random.PRNGKey(0)), ev.ByteTokenizer())
+    return tiny.TinyBase(CFG, bm.init_params(CFG, jax.random.PRNGKey(0)), tiny.ByteTokenizer())
 
 
 def _ids(n, seed=0):
@@ -70,7 +71,7 @@ def test_megacontext_policies_are_unavailable_without_the_runtime(model, monkeyp
 
 @pytest.mark.parametrize("placement", ["aligned", "straddle"])
 def test_passkey_needle_is_placed_by_token_index(placement):
-    tok = ev.ByteTokenizer()
+    tok = tiny.ByteTokenizer()
     prose = np.asarray(tok.encode("In the beginning God created the heaven. " * 200), np.int32)
     for filler in ("repeat", "prose"):
         c = ev.passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)

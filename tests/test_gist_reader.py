@@ -15,6 +15,7 @@ from mc_jax.training import train
 from mc_jax.training import windows as twc
 from mc_jax.eval.networks import substitution_nll
 from mc_jax.training.config import load_config
+from mc_jax.nets import io as nets_io
 
 CFG = load_config("tiny:reader")
 
@@ -99,7 +100,7 @@ def test_exported_reader_round_trips_and_is_used_by_eval_gists(tmp_path, tiny):
         model.reader[n]["b"][...] = ad[n]["b"]
     state = train.init_state(m, nnx.state(model), l)
     train.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
-    gist, _, info = train.load_networks(tmp_path / "nets")
+    gist, _, info = nets_io.load_networks(tmp_path / "nets")
     assert info["gist_config"]["reader_rank"] == CFG.gist_reader_rank
     for n in ad:
         np.testing.assert_array_equal(np.asarray(gist.reader[n]["b"][...]),

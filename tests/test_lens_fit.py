@@ -11,6 +11,8 @@ from mc_jax.training import lens_fit
 from mc_jax.training import train
 from mc_jax.errors import McJaxError
 from mc_jax.training.config import load_config
+from mc_jax.nets import io as nets_io
+from mc_jax import stats
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_fit_lowers_the_loss_and_exports_a_loadable_checkpoint(measured, tmp_pat
     assert summ["val_windows"] == 2 and np.isfinite(summ["val_spearman_last"])
     train.export_networks(tmp_path / "net", m2, train.TrainState(
         step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), {"x": 1})
-    gist, lens, info = train.load_networks(tmp_path / "net", m.base_cfg)
+    gist, lens, info = nets_io.load_networks(tmp_path / "net", m.base_cfg)
     assert info["x"] == 1
     w = {k: jnp.asarray(v[0]) for k, v in labels.items()}
     from flax import nnx
@@ -132,12 +134,12 @@ def test_eval_lens_end_to_end_on_the_tiny_base_with_compare_and_saved_edits(tiny
     assert c["diff_vs_checkpoint"] == 0.0 and c["diff_ci95_windows"] == [0.0, 0.0]
     z = np.load(out)
     assert len(z["u"]) == res["n_edits_evaluated"] and set(z["window"]) == {0, 1, 2}
-    assert eval_networks.spearman(z["u"], z["d"]) == res["spearman"]
+    assert stats.spearman(z["u"], z["d"]) == res["spearman"]
     np.testing.assert_array_equal(z["u_compare"][0], z["u"].astype(np.float32))
     assert list(z["checkpoints"]) == ["ck-a", "ck-b"]
-    assert eval_networks.spearman(z["block"], z["d"]) == res["spearman_recency_heuristic"]
+    assert stats.spearman(z["block"], z["d"]) == res["spearman_recency_heuristic"]
     assert 0 <= z["block"].min() and z["block"].max() < m.pack.seq_blocks
-    uw, dw = eval_networks.within_window(z["u"], z["d"], z["window"])
-    assert eval_networks.spearman(uw, dw) == res["spearman_within_window"]
+    uw, dw = stats.within_window(z["u"], z["d"], z["window"])
+    assert stats.spearman(uw, dw) == res["spearman_within_window"]
     assert all(abs(dw[z["window"] == i].mean()) < 1e-9 for i in range(3))
     assert set(z["level"]) <= set(range(m.pack.depth + 1))

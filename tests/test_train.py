@@ -15,6 +15,7 @@ from mc_jax.base import base_model as bm
 from mc_jax.training import train
 from mc_jax.training import windows as twc
 from mc_jax.training.config import load_config
+from mc_jax.nets import io as nets_io
 
 CFG = load_config("tiny")
 
@@ -216,7 +217,7 @@ def test_networks_export_round_trip(tmp_path, setup):
     m, g, l, _ = setup
     state = train.init_state(m, g, l)
     train.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
-    gist, lens, info = train.load_networks(tmp_path / "nets")
+    gist, lens, info = nets_io.load_networks(tmp_path / "nets")
     assert info["steps"] == 0 and info["train_config"]["name"] == "tiny"
     for a, b in zip(jax.tree.leaves(nnx.state(gist, nnx.Param)), jax.tree.leaves(g)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -233,7 +234,7 @@ def test_init_from_warm_starts_both_networks_and_rejects_a_checkpoint_of_other_s
                           dtype="float32")
     cfg = CFG.replace(init_from=str(tmp_path / "src"))
     train.run(cfg, tmp_path / "run", steps=0, progress=False, export=tmp_path / "out")
-    gist, lens, info = train.load_networks(tmp_path / "out")
+    gist, lens, info = nets_io.load_networks(tmp_path / "out")
     assert info["train_config"]["init_from"] == str(tmp_path / "src")
     for mod, want in ((gist, bumped[0]), (lens, bumped[1])):
         got = jax.tree.leaves(nnx.state(mod, nnx.Param))

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mc_jax.base import base_model as bm
-from mc_jax.eval.networks import _gist_variants, _validation_windows, default_checkpoint
+from mc_jax.eval.networks import _gist_variants, _validation_windows
+from mc_jax.nets.io import default_checkpoint
 from mc_jax.base.loading import load_base
-from mc_jax.training.train import load_networks
+from mc_jax.nets.io import load_networks
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--docs", type=int, default=32)

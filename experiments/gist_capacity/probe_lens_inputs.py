@@ -35,7 +35,8 @@ from mc_jax.base import base_model as bm
 from mc_jax.data import pipeline as data
 from mc_jax.training import lens_fit
 from mc_jax.training import train
-from mc_jax.eval.networks import _validation_windows, bootstrap_spearman, spearman
+from mc_jax.eval.networks import _validation_windows
+from mc_jax.stats import bootstrap_spearman, spearman
 from mc_jax.nets.gistnet import as_gist_fn
 from mc_jax.base.loading import load_base
 

@@ -33,8 +33,7 @@ from mc_jax.base import base_model as bm
 from mc_jax.data import pipeline as data
 from mc_jax.eval.networks import (_gist_variants, _validation_windows, raw_nll,
                                   substitution_nll)
-from mc_jax.training.train import load_networks
-from mc_jax.eval.networks import default_checkpoint
+from mc_jax.nets.io import default_checkpoint, load_networks
 from mc_jax.base.loading import load_base
 
 ap = argparse.ArgumentParser()

@@ -34,33 +34,8 @@ from flax import nnx
 from mc_jax.base import base_model as bm
 from mc_jax.training import windows as twc
 from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
-
-DEFAULT_NETWORKS = Path(__file__).parents[1] / "assets" / "cpu_small"
-
-
-def default_checkpoint() -> Path:
-    return DEFAULT_NETWORKS
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 3:
-        return float("nan")
-
-    def rank(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # average ties
-            m = x == v
-            r[m] = r[m].mean()
-        return r
-
-    ra, rb = rank(a), rank(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+from mc_jax.stats import bootstrap_spearman, bootstrap_spearman_diff, spearman, within_window
+from mc_jax.nets.io import default_checkpoint, load_networks
 
 
 def _validation_windows(tokenizer, window_len: int, n: int, seed: int, data_dir=None):
@@ -77,51 +52,6 @@ def _gist_variants(gist_trained, seed=0):
     return {"gistnet": gist_trained,
             "meanpool": build_gist_model(mean_cfg, rngs=nnx.Rngs(seed)),
             "untrained": build_gist_model(cfg, rngs=nnx.Rngs(seed + 17))}
-
-
-def _bootstrap_draws(n: int, groups, reps: int, rng) -> list:
-    """Index arrays of `reps` bootstrap resamples of n items: single items, or whole groups."""
-    if groups is None:
-        return [rng.integers(0, n, n) for _ in range(reps)]
-    groups = np.asarray(groups)
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    return [np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
-            for _ in range(reps)]
-
-
-def within_window(u, d, groups):
-    """(u, d) minus the mean of their group (window): only the order inside a window is left."""
-    u, d, groups = np.asarray(u, np.float64), np.asarray(d, np.float64), np.asarray(groups)
-    mu, md = np.zeros_like(u), np.zeros_like(d)
-    for g in np.unique(groups):
-        m = groups == g
-        mu[m], md[m] = u[m].mean(), d[m].mean()
-    return u - mu, d - md
-
-
-def bootstrap_spearman(u, d, groups=None, *, reps: int = 1000, seed: int = 0):
-    """95% percentile-bootstrap interval of spearman(u, d).
-
-    groups=None resamples single edits. With groups (one id per edit, e.g. its validation
-    window) whole groups are resampled: edits measured on the same window share its text and
-    working contexts, so they are not independent, and the per-edit interval is too narrow
-    when they are correlated.
-    """
-    u, d = np.asarray(u, np.float64), np.asarray(d, np.float64)
-    draws = _bootstrap_draws(len(u), groups, reps, np.random.default_rng(seed))
-    boot = [spearman(u[i], d[i]) for i in draws]
-    return [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
-
-
-def bootstrap_spearman_diff(u_a, u_b, d, groups=None, *, reps: int = 1000, seed: int = 0):
-    """95% paired-bootstrap interval of spearman(u_a, d) - spearman(u_b, d): two LensNets'
-    scores of the same measured edits, both correlations taken on each same resample (so what
-    the windows share cancels). groups as in `bootstrap_spearman`."""
-    u_a, u_b = np.asarray(u_a, np.float64), np.asarray(u_b, np.float64)
-    d = np.asarray(d, np.float64)
-    draws = _bootstrap_draws(len(d), groups, reps, np.random.default_rng(seed))
-    boot = [spearman(u_a[i], d[i]) - spearman(u_b[i], d[i]) for i in draws]
-    return [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
 
 
 def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: list[int],
@@ -195,7 +125,6 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
     from tqdm import tqdm
 
     from mc_jax.base.loading import load_base
-    from mc_jax.training.train import load_networks
 
     model = load_base(base)
     gist, _, info = load_networks(checkpoint or default_checkpoint(), model.cfg)

@@ -40,6 +40,8 @@ import numpy as np
 from mc_jax.eval.policies import registry as pol
 from mc_jax.errors import ConfigError, InputError, MissingResourceError
 from mc_jax.base.perplexity import read_text
+from mc_jax.base.tiny import build_base
+from mc_jax.nets.io import default_checkpoint
 
 K = pol.K
 RESULTS = "results.jsonl"
@@ -80,50 +82,6 @@ def load_config(spec: str) -> tuple[dict, str, str | None]:
 
 # ------------------------------------------------------------------------------------------------
 # the base model of a sweep
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255 (for the tiny random base of smoke sweeps)."""
-
-    name = "bytes"
-    bos_id = None
-    eos_id = None
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-    def token_to_id(self, token: str):
-        b = token.encode("utf-8")
-        return b[0] if len(b) == 1 else None
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TinyBase:
-    cfg: Any
-    params: Any
-    tokenizer: Any
-    path: str = "tiny"
-
-
-def build_base(base, dtype: str | None = None, base_kw: dict | None = None):
-    """`"tiny"`: random `LlamaConfig.tiny` with a byte tokenizer; otherwise `loading.load_base`."""
-    if base == "tiny":
-        import jax
-
-        from mc_jax.base import base_model as bm
-
-        kw = dict(vocab_size=256)
-        kw.update(base_kw or {})
-        seed = kw.pop("seed", 0)
-        cfg = bm.LlamaConfig.tiny(**kw)
-        return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(seed)), ByteTokenizer())
-    from mc_jax.base.loading import load_base
-
-    return load_base(base, dtype=dtype)
 
 
 class Context:
@@ -605,7 +563,7 @@ def _eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
         import mc_jax.eval.networks as en
     except ImportError as e:
         raise pol.Unavailable(f"mc_jax.eval.networks not importable ({e})") from e
-    ckpt = ctx.checkpoint or en.default_checkpoint()
+    ckpt = ctx.checkpoint or default_checkpoint()
     if not (Path(ckpt) / "networks.json").exists():
         raise pol.Unavailable(f"no trained networks at {ckpt} (give --checkpoint DIR, an "
                               "export_networks directory)")

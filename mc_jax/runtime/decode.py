@@ -51,6 +51,7 @@ from mc_jax.core import tree as tm
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
 from mc_jax.base.sampling import sample_token
+from mc_jax.nets.io import load_nets
 
 POLICIES = ("lens", "recency", "truncate")
 KV_MODES = ("exact", "approx")
@@ -544,42 +545,6 @@ def check_state(state: DecodeState, rt: Runtime) -> DecodeState:
 
 # ---------------------------------------------------------------------------------------------
 # networks and the Session driver (host)
-
-
-def load_nets(base_model, checkpoint=None, *, need_trained: bool, depth: int = 2, log=None,
-              meanpool: bool = False):
-    """(gist model, lens model or None, info). checkpoint None -> the shipped default.
-
-    With no networks there: MissingResourceError if need_trained, else mean-pool gists (and
-    no LensNet), announced through `log`.
-    """
-    from mc_jax.eval.networks import default_checkpoint
-    from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
-
-    path = Path(checkpoint) if checkpoint else default_checkpoint()
-    if meanpool:
-        log = None
-    elif (path / "networks.json").is_file():
-        from mc_jax.training.train import load_networks
-
-        try:
-            gist, lens, info = load_networks(path, base_model.cfg)
-        except ConfigError as e:  # trained for another base: no networks for this one
-            raise MissingResourceError(f"no trained networks for this base model: {e}") from e
-        return gist, lens, dict(info, checkpoint=str(path))
-    if not meanpool and checkpoint and path.exists():
-        raise MissingResourceError(f"{path} has no networks.json: not an exported GistNet/"
-                                   "LensNet checkpoint (mc_jax.training.train.export_networks writes one)")
-    if need_trained and not meanpool:
-        raise MissingResourceError(
-            f"trained GistNet/LensNet not found at {path}; train and export them "
-            "(mc-jax train) or pass --checkpoint")
-    if log:
-        log(f"[mc-jax] no trained networks at {path}: using mean-pool gists and the recency "
-            "policy (no LensNet)")
-    gcfg = GistNetConfig(d_model=base_model.cfg.d_model, depth=depth, kind="mean_pool",
-                         embed_rms=bm.embedding_rms(base_model.params))
-    return build_gist_model(gcfg, rngs=nnx.Rngs(0)), None, {"checkpoint": None}
 
 
 def _bucket_blocks(n: int) -> int:

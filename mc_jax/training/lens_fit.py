@@ -41,14 +41,15 @@ from mc_jax.training import windows as twc
 from mc_jax.errors import McJaxError
 from mc_jax.nets.gistnet import as_gist_fn
 from mc_jax.nets.lensnet import LensNet
+from mc_jax.nets.io import default_checkpoint, load_networks
 
 
 def load_models(model, checkpoint, n_mix: int, n_edits: int):
     """(Models for n_mix mixtures x n_edits edits per window, GistNet state, LensNet state, info)
-    from an exported checkpoint (also used by `eval_networks.eval_lens`)."""
+    from an exported checkpoint (also used by `eval.networks.eval_lens`)."""
     from mc_jax.training.config import TrainConfig
 
-    gist, lens, info = train.load_networks(checkpoint, model.cfg)
+    gist, lens, info = load_networks(checkpoint, model.cfg)
     tcfg = TrainConfig(**info["train_config"])
     # the runtime never edits its newest block (DecodeConfig.protected_blocks >= 1), so LensNet
     # labels never do either, even when GistNet was trained with protect_blocks = 0
@@ -76,7 +77,7 @@ def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
 
 def measure_fn(model, m: train.Models, gist_state):
     """Jitted (tokens [C + H], key) -> one window's labels: M mixtures, their horizon NLL, E
-    measured single edits each, and the gists (also used by `eval_networks.eval_lens`)."""
+    measured single edits each, and the gists (also used by `eval.networks.eval_lens`)."""
     pc, M = m.pack, m.cfg.n_wc - 1
 
     @jax.jit
@@ -232,7 +233,7 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
     """Fit a fresh LensNet on the labels. -> (Models with its graph, lens_state, summary)."""
     from tqdm import tqdm
 
-    from mc_jax.eval.networks import spearman
+    from mc_jax.stats import spearman
 
     n = len(labels["nll"])
     n_val = max(1, int(round(n * val_frac))) if n > 1 else 0
@@ -294,7 +295,6 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
 
 
 def fit_lens_cli(args) -> int:
-    from mc_jax.eval.networks import default_checkpoint
     from mc_jax.base.loading import load_base
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

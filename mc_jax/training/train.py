@@ -46,6 +46,7 @@ from mc_jax.base import base_model as bm
 from mc_jax.training import windows as twc
 from mc_jax.errors import ConfigError, McJaxError
 from mc_jax.nets.gistnet import GistNetConfig, as_gist_fn, build_gist_model
+from mc_jax.nets.io import fill_params, save_networks
 from mc_jax.nets.lensnet import LensNet, LensNetConfig
 from mc_jax.training.config import TrainConfig, add_train_args, load_config
 
@@ -615,72 +616,11 @@ def restore_checkpoint(mgr, template: TrainState, step: int | None = None):
     return r.state, r.data, r.meta
 
 
-def _flat_key(name: str, keypath) -> str:
-    """'gist/cores/0/...': the safetensors key of one network parameter."""
-    return name + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
-
-
 def export_networks(path: Path, m: Models, state: TrainState, meta: dict, dtype="bfloat16"):
-    """Small standalone checkpoint of GistNet + LensNet (safetensors + JSON metadata)."""
-    from safetensors.numpy import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {}
-    for name, st in (("gist", state.gist), ("lens", state.lens)):
-        for kp, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(st))[0]:
-            key = _flat_key(name, kp)
-            arr = np.asarray(jax.device_get(v), np.float32)
-            flat[key] = arr.astype(jnp.dtype(dtype)) if dtype != "float32" else arr
-    tmp = path / "networks.safetensors.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp))
-    tmp.replace(path / "networks.safetensors")
-    info = dict(meta, train_config=json.loads(m.cfg.to_json()),
-                gist_config=dataclasses.asdict(m.gist_cfg),
-                lens_config=dataclasses.asdict(m.lens_cfg), dtype=dtype)
-    (path / "networks.json").write_text(json.dumps(info, indent=2, default=str))
-
-
-def load_networks(path: str | Path, base_cfg: bm.LlamaConfig | None = None):
-    """(gist model, lens model, info) from an export_networks directory."""
-    from safetensors.numpy import load_file
-
-    from mc_jax.errors import CorruptFileError
-
-    path = Path(path)
-    try:
-        info = json.loads((path / "networks.json").read_text())
-        flat = load_file(str(path / "networks.safetensors"))
-    except FileNotFoundError as e:
-        raise McJaxError(f"{path} is not a GistNet/LensNet checkpoint ({e})") from e
-    except Exception as e:
-        raise CorruptFileError(f"{path}: checkpoint is damaged ({e})") from e
-    gcfg = GistNetConfig(**info["gist_config"])
-    lcfg = LensNetConfig(**info["lens_config"])
-    if base_cfg is not None and gcfg.d_model != base_cfg.d_model:
-        raise ConfigError(f"{path} was trained for d_model {gcfg.d_model}, the base has "
-                          f"{base_cfg.d_model}")
-    gist = build_gist_model(gcfg, rngs=nnx.Rngs(0))
-    lens = LensNet(lcfg, rngs=nnx.Rngs(0))
-    for name, mod in (("gist", gist), ("lens", lens)):
-        _fill_params(mod, name, flat, CorruptFileError, f"{path}: parameter")
-    return gist, lens, info
-
-
-def _fill_params(mod, name: str, flat: dict, error, what: str):
-    """Set every nnx.Param of `mod` from the flat safetensors dict (keys from `_flat_key`)."""
-    st = nnx.state(mod, nnx.Param)
-    pure = nnx.to_pure_dict(st)
-    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
-    new = []
-    for kp, v in leaves:
-        key = _flat_key(name, kp)
-        if key not in flat or flat[key].shape != v.shape:
-            got = "missing" if key not in flat else f"shape {tuple(flat[key].shape)}"
-            raise error(f"{what} {key} ({got}, this run needs {tuple(v.shape)})")
-        new.append(jnp.asarray(flat[key], jnp.float32))
-    nnx.replace_by_pure_dict(st, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(pure),
-                                                              new))
-    nnx.update(mod, st)
+    """Small standalone checkpoint of GistNet + LensNet (`nets.io.save_networks`), with this
+    run's training config in its networks.json."""
+    save_networks(path, state.gist, state.lens, m.gist_cfg, m.lens_cfg,
+                  dict(meta, train_config=json.loads(m.cfg.to_json())), dtype)
 
 
 def warm_start(m: Models, gist_state, lens_state, path: str | Path):
@@ -702,7 +642,7 @@ def warm_start(m: Models, gist_state, lens_state, path: str | Path):
     for name, graph, st in (("gist", m.gist_graph, gist_state), ("lens", m.lens_graph,
                                                                   lens_state)):
         mod = nnx.merge(graph, jax.tree.map(jnp.copy, st))  # leave the caller's state as it is
-        _fill_params(mod, name, flat, ConfigError,
+        fill_params(mod, name, flat, ConfigError,
                      f"init_from={path} does not fit this config: parameter")
         out.append(nnx.split(mod)[1])
     return tuple(out)
