@@ -272,10 +272,15 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
     h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], cfg.rms_eps)
     if return_hidden:
         return h_BxTxD, new_cache
+    return lm_head(params, cfg, h_BxTxD), new_cache
+
+
+def lm_head(params: Params, cfg: LlamaConfig, h_xD):
+    """Logits (float32) of final-norm hidden states of any leading shape [..., D] -> [..., V]:
+    the tied embedding or the separate output matrix. The one output head of the package."""
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head.astype(h_BxTxD.dtype),
-                              preferred_element_type=jnp.float32)
-    return logits_BxTxV, new_cache
+    return jnp.einsum("...d,dv->...v", h_xD, head.astype(h_xD.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def token_nll(logits_BxTxV, targets_BxT):
