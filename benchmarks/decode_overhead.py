@@ -23,7 +23,8 @@ All figures come from one run, on one Session (one compile per jitted function):
    split into its KV recompute (`jit_sync`, the suffix after the previous refocus) and the rest
    (`jit_step`, whose own sync then recomputes nothing), so `kv_recompute_fraction` is measured,
    not estimated.
-3. recompilations after warm-up (trace counters of the jitted functions), and device memory in
+3. recompilations after warm-up (new entries in the compile caches of the runtime's jitted
+   functions), and device memory in
    use (sum of `jax.live_arrays()` bytes) at each history length. The tree has one fixed capacity
    (~1M tokens, depth 3) for all three lengths, so memory is what that capacity costs.
 
@@ -44,15 +45,23 @@ import numpy as np
 from flax import nnx
 
 from mc_jax.base import base_model as bm
-from mc_jax.runtime import decode as dm
 from mc_jax.base import sampling
 from mc_jax.core import tree as tm
 from mc_jax.core import working_context as wcm
 from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
 from mc_jax.nets.lensnet import LensNet, LensNetConfig
+from mc_jax.runtime.session import Session
+from mc_jax.runtime.state import check_state
+from mc_jax.runtime.step import jit_ingest, jit_step, jit_sync
+from mc_jax.runtime.telemetry import time_networks
 
-K = 32
+K = GistNetConfig.block_size  # the runtime's block size (the GistNet default)
 HISTORIES = (8192, 65536, 1_000_000)
+
+
+def compiled() -> int:
+    """Entries in the compile caches of the runtime's jitted functions."""
+    return sum(f._cache_size() for f in (jit_step, jit_ingest, jit_sync))
 
 
 def load(name: str):
@@ -130,7 +139,7 @@ def plain_block(model, W: int):
     return once
 
 
-def fill(session: dm.Session, n_tokens: int, seed: int):
+def fill(session: Session, n_tokens: int, seed: int):
     """Tree of n_tokens random ids (append_blocks, N blocks per call) + the recency WC."""
     rt, params, nets = session.rt, session.params, session.nets
     N = 1024
@@ -159,10 +168,10 @@ def fill(session: dm.Session, n_tokens: int, seed: int):
     wc = wcm.build_recency(n_blocks * K, rt.cfg.wcfg, budget=rt.cfg.budget - K)
     session.state = session.state.replace(tree=tree, wc=wc)
     session.ids = [0] * (n_blocks * K)
-    dm.check_state(session.state, rt)
+    check_state(session.state, rt)
 
 
-def timed_blocks(session: dm.Session, n: int, seed: int, teacher: bool = True, ref=None):
+def timed_blocks(session: Session, n: int, seed: int, teacher: bool = True, ref=None):
     """Time n blocks; with `ref` (the plain block), each block is followed by one reference run
     and `norm` = block time / reference time (machine-speed drift cancels)."""
     rng = np.random.RandomState(seed)
@@ -204,8 +213,8 @@ def main(argv=None):
                             rngs=nnx.Rngs(0))
     lens = LensNet(lens_cfg, rngs=nnx.Rngs(1))
     pos_mode = "global" if args.kv_mode == "approx" else "compact"
-    s = dm.Session(model, W, gist, lens, policy="lens", capacity_tokens=HISTORIES[-1] + 64 * K,
-                   depth=3, kv_mode=args.kv_mode, position_mode=pos_mode)
+    s = Session(model, W, gist, lens, policy="lens", capacity_tokens=HISTORIES[-1] + 64 * K,
+                depth=3, kv_mode=args.kv_mode, position_mode=pos_mode)
     say(f"model {args.model}, W={W}, tree capacity {s.cfg.capacity_tokens} tokens, depth 3, "
         f"cache {s.cfg.cache_slots} slots, chunk {s.cfg.chunk}, kv_mode {args.kv_mode} "
         f"({pos_mode} positions)")
@@ -225,7 +234,7 @@ def main(argv=None):
         timed_blocks(s, 1, seed=1)  # warm-up: full recompute (and compile at the first length)
         if traces_warm is None:
             timed_blocks(s, 1, seed=2, teacher=False)
-            traces_warm = dict(dm.TRACES)
+            traces_warm = compiled()
         rows = timed_blocks(s, args.blocks, seed=3, ref=plain_once)
         samp = timed_blocks(s, 1, seed=4, teacher=False)
         # overhead pairs: plain block and sampled MegaContext block alternately, so that drifts
@@ -251,8 +260,8 @@ def main(argv=None):
             f"{mem / 2 ** 20:.1f} MiB, fill {fill_s:.1f}s; paired sampled block / plain block "
             f"{results[h]['pair_ratio']:.3f} ({results[h]['pair_mc'] * 1e3:.1f} vs "
             f"{results[h]['pair_plain'] * 1e3:.1f} ms/token)")
-    recompiles = sum(dm.TRACES[k] - traces_warm[k] for k in dm.TRACES)
-    nets = dm.time_networks(s)
+    recompiles = compiled() - traces_warm
+    nets = time_networks(s)
     base = results[HISTORIES[0]]
     # overhead: median over all alternating pairs at every history length (the same work)
     mc_per_token = float(np.median([r["pair_mc"] for r in results.values()]))

@@ -29,6 +29,7 @@ import numpy as np
 
 from mc_jax.core import focus
 from mc_jax.core import tree as tr
+from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 
 K = 32
@@ -68,7 +69,7 @@ def make_step(wcfg, fcfg, tcfg, table, counter):
         wc, log = focus.allocate(wc, u, wcfg, fcfg, K)
         tree = tr.append_tokens(tree, ids, tcfg, embed, tr.mean_pool_gist_fn)
         wc = wcm.append(wc, K, wcfg)
-        m = wcm.materialise_tree(wc, tree, embed, wcfg, "global")
+        m = mat.materialise_tree(wc, tree, embed, wcfg, "global")
         return tree, wc, log.num_actions(), jnp.sum(m.x_WxD[:, 0]) + jnp.sum(m.pos_W)
 
     return jax.jit(step, donate_argnums=(0, 1))

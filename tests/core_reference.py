@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-AGE_MAX = 1 << 20
+AGE_MAX = 2 ** 30  # mc_jax.core.working_context.NEVER_EDITED
 EXPAND, COLLAPSE = 1, 2
 KIND_NONE, KIND_EXPAND, KIND_COLLAPSE, KIND_FORCED = 0, 1, 2, 3
 
@@ -314,6 +314,7 @@ class JitCore:
         import jax.numpy as jnp
         from mc_jax.core import focus
         from mc_jax.core import tree as tr
+        from mc_jax.core import materialise as mat
         from mc_jax.core import working_context as wcm
 
         self.wcfg, self.fcfg, self.K = wcfg, fcfg, wcfg.block_size
@@ -325,9 +326,9 @@ class JitCore:
         self.append = jax.jit(lambda wc, n: wcm.append(wc, n, wcfg))
         self.move = jax.jit(lambda wc, k, e: wcm.move(wc, k, e, wcfg))
         self.allocate = jax.jit(lambda wc, u, n: focus.allocate(wc, u, wcfg, fcfg, n))
-        self.mat = {m: jax.jit(lambda wc, t, m=m: wcm.materialise_tree(wc, t, embed, wcfg, m))
+        self.mat = {m: jax.jit(lambda wc, t, m=m: mat.materialise_tree(wc, t, embed, wcfg, m))
                     for m in ("compact", "global")}
-        self.lens = jax.jit(lambda wc, t: wcm.lens_inputs(wc, t, wcfg))
+        self.lens = jax.jit(lambda wc, t: mat.lens_inputs(wc, t, wcfg))
         self.tree = self.ref_tree = None
         if with_tree:
             cap = wcfg.max_tokens // self.K

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mc_jax.base import base_model as bm
+from mc_jax.base.sampling import generate, sample_token
 from mc_jax.errors import CapacityError, ConfigError, TokenError
 
 CFG = bm.LlamaConfig.tiny()
@@ -142,8 +143,6 @@ def test_cache_longer_than_model_context_is_rejected():
 
 
 def test_generate_rejects_prompt_beyond_context(params):
-    from mc_jax.base.sampling import generate
-
     cfg = bm.LlamaConfig.tiny(max_seq_len=64)
     with pytest.raises(CapacityError, match="exceeds the model's context"):
         list(generate(params, cfg, [1] * 60, max_new_tokens=10))
@@ -155,8 +154,6 @@ def test_bad_head_config():
 
 
 def test_sampling_greedy_top_p_and_temperature():
-    from mc_jax.base.sampling import sample_token
-
     logits = jnp.log(jnp.array([[0.05, 0.6, 0.3, 0.05]]))
     key = jax.random.PRNGKey(0)
     assert int(sample_token(logits, key, 0.0, 1.0)[0]) == 1
@@ -168,8 +165,6 @@ def test_sampling_greedy_top_p_and_temperature():
 
 
 def test_greedy_generation_with_cache_equals_recompute(params):
-    from mc_jax.base.sampling import generate
-
     prompt = [3, 14, 15, 92, 65]
     got = list(generate(params, CFG, prompt, max_new_tokens=12))
     ids = list(prompt)

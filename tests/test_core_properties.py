@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mc_jax.core import focus
 from mc_jax.core import tree as tr
+from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from core_reference import (AGE_MAX, Illegal, JitCore, RefWC, assert_materialise_equal,
                             assert_wc_equal)
@@ -189,7 +190,7 @@ def test_streaming_never_retraces():
         wc, log = focus.allocate(wc, u_E, wcfg, fcfg, K)
         tree = tr.append_tokens(tree, ids_K, tcfg, lambda i: table[i], tr.mean_pool_gist_fn)
         wc = wcm.append(wc, K, wcfg)
-        m = wcm.materialise_tree(wc, tree, lambda i: table[i], wcfg, "global")
+        m = mat.materialise_tree(wc, tree, lambda i: table[i], wcfg, "global")
         return tree, wc, log, m
 
     step = jax.jit(step, donate_argnums=(0, 1))

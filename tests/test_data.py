@@ -238,8 +238,8 @@ def test_another_tokenizer_is_refused(prepared):
 
 
 def test_cli_reports_an_existing_dataset(prepared, monkeypatch, capsys):
-    import mc_jax.base.tokenizer
-    monkeypatch.setattr(mc_jax.base.tokenizer, "load_tokenizer", lambda base=None: ByteTokenizer())
+    import mc_jax.base.loading
+    monkeypatch.setattr(mc_jax.base.loading, "load_tokenizer", lambda base=None: ByteTokenizer())
     opts = prepared["opts"]
     rc = data.prepare_data_cli([
         "--data-dir", str(prepared["data_dir"]), "--sources", "stdlib",

@@ -1,8 +1,6 @@
 """Evaluation sweeps: policies on a tiny random base, passkey construction, the resumable driver."""
 
 import json
-import sys
-import types
 
 import jax
 import numpy as np
@@ -10,7 +8,10 @@ import pytest
 
 from mc_jax.base import base_model as bm
 from mc_jax.base import tiny
+from mc_jax.errors import ConfigError
 from mc_jax.eval import sweep as ev
+from mc_jax.eval.evaluators.passkey import NEEDLE, passkey_case
+from mc_jax.eval.evaluators.ppl import scored_blocks
 from mc_jax.eval.policies import registry as pol
 from mc_jax.base import sampling
 
@@ -60,13 +61,11 @@ def test_full_answer_matches_plain_greedy_generation(model):
     assert got == model.tokenizer.decode(ref)
 
 
-def test_megacontext_policies_are_unavailable_without_the_runtime(model, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", None)  # import fails
-    with pytest.raises(pol.Unavailable, match="mc_jax.runtime.decode"):
-        pol.make_policy("lens", model, 64)
-    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", types.ModuleType("mc_jax.runtime.decode"))
-    with pytest.raises(pol.Unavailable, match="has no make_policy"):
-        pol.make_policy("recency", model, 64)
+def test_megacontext_policies_are_unavailable_without_trained_networks(model, tmp_path):
+    for name in ("lens", "recency", "oracle"):
+        with pytest.raises(pol.Unavailable, match="not found"):
+            pol.make_policy(name, model, 256, checkpoint=str(tmp_path / "missing"))
+    assert pol.make_policy("meanpool", model, 256).name == "meanpool"  # needs no training
 
 
 @pytest.mark.parametrize("placement", ["aligned", "straddle"])
@@ -74,9 +73,9 @@ def test_passkey_needle_is_placed_by_token_index(placement):
     tok = tiny.ByteTokenizer()
     prose = np.asarray(tok.encode("In the beginning God created the heaven. " * 200), np.int32)
     for filler in ("repeat", "prose"):
-        c = ev.passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
+        c = passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
         assert len(c["history"]) == 16 * 64
-        needle = tok.encode(ev.NEEDLE.format(key=c["key"]))
+        needle = tok.encode(NEEDLE.format(key=c["key"]))
         s = c["needle_start"]
         assert list(c["history"][s:s + len(needle)]) == needle
         assert tok.decode(c["history"][c["key_start"]:c["key_start"] + 5]) == str(c["key"])
@@ -84,13 +83,13 @@ def test_passkey_needle_is_placed_by_token_index(placement):
             assert s % 32 == 0
         else:  # two key digits end one block, three begin the next
             assert c["key_start"] % 32 == 30
-        again = ev.passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
+        again = passkey_case(tok, 64, 16, filler, 0.5, placement, 0, prose)
         assert again["key"] == c["key"] and np.array_equal(again["history"], c["history"])
 
 
 def test_scored_blocks_spread_over_the_history_beyond_W():
-    assert ev.scored_blocks(512, 64, None) == list(range(2, 16))
-    b = ev.scored_blocks(8192, 512, 8)
+    assert scored_blocks(512, 64, None) == list(range(2, 16))
+    b = scored_blocks(8192, 512, 8)
     assert len(b) == 8 and b[0] == 16 and b[-1] == 255
 
 
@@ -133,7 +132,14 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
         "             blocks_per_doc=2)])\n" % (ev.Path("experiments/data/kjv_genesis.txt")
                                               .resolve()))
     out = tmp_path / "out"
-    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", None)
+    real_make_policy = pol.make_policy
+
+    def no_runtime(name, base_model, budget, checkpoint=None, **kw):  # MC policies cannot run
+        if name in pol.MC_POLICIES:
+            raise pol.Unavailable(f"no runtime for {name}")
+        return real_make_policy(name, base_model, budget, checkpoint=checkpoint, **kw)
+
+    monkeypatch.setattr(pol, "make_policy", no_runtime)
     r1 = ev.run_sweep(str(conf), out, progress=False, plots=False)
     assert r1["computed"] == 2
     assert ev.run_sweep(str(conf), out, progress=False, plots=False)["computed"] == 0
@@ -151,13 +157,13 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
         def stats(self):
             return dict(self.n)
 
-    def make_policy(name, base_model, budget, checkpoint=None, **kw):  # the runtime contract
+    def make_policy(name, base_model, budget, checkpoint=None, **kw):  # the runtime is back
+        if name not in pol.MC_POLICIES:
+            return real_make_policy(name, base_model, budget, checkpoint=checkpoint, **kw)
         calls.append((name, budget, checkpoint))
-        return Counting(pol.make_policy("truncate", base_model, budget))
+        return Counting(real_make_policy("truncate", base_model, budget))
 
-    fake = types.ModuleType("mc_jax.runtime.decode")
-    fake.make_policy = make_policy
-    monkeypatch.setitem(sys.modules, "mc_jax.runtime.decode", fake)
+    monkeypatch.setattr(pol, "make_policy", make_policy)
     r3 = ev.run_sweep(str(conf), out, progress=False, plots=False)
     assert r3["computed"] == 1 and calls == [("recency", 64, None)]
     rows = ev.read_rows(out / "results.jsonl")
@@ -165,3 +171,21 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
     assert got["recency"]["status"] == "ok"
     assert got["recency"]["nll"] == pytest.approx(got["truncate"]["nll"], abs=1e-5)
     assert got["recency"]["policy_stats"] == {"blocks": 2, "actions": 0}  # this document's share
+
+
+def test_network_evaluators_need_the_real_base_and_know_one_source(tmp_path):
+    conf = tmp_path / "nets.py"
+    conf.write_text(
+        "def get_config(variant=None):\n"
+        "    return dict(name='nets', base='tiny', evaluators=[\n"
+        "        dict(name='gist_dnll', levels=[1]), dict(name='lens_rank')])\n")
+    res = ev.run_sweep(str(conf), tmp_path / "out", progress=False, plots=False)
+    rows = list(ev.read_rows(tmp_path / "out" / "results.jsonl").values())
+    assert res["computed"] == len(rows) == 3  # gistnet, meanpool at level 1; one lens_rank row
+    assert all(r["status"].startswith("unavailable: eval_networks needs the real base")
+               for r in rows)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "## gist_dnll:" in table and "## lens_rank:" in table
+    conf.write_text(conf.read_text().replace("levels=[1]", "levels=[1], source='runtime'"))
+    with pytest.raises(ConfigError, match="source 'runtime' does not exist"):
+        ev.run_sweep(str(conf), tmp_path / "out2", progress=False, plots=False)

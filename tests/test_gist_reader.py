@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mc_jax.base import base_model as bm
-from mc_jax.training import train
+from mc_jax.training import checkpoints, loop, models, objective, step as train_step_mod
 from mc_jax.training import windows as twc
 from mc_jax.eval.networks import substitution_nll
 from mc_jax.training.config import load_config
@@ -63,7 +63,7 @@ def test_gist_slots_are_exactly_the_packed_gist_rows():
     pc = twc.PackConfig(seq_blocks=8, budget=128, horizon=8, depth=1, protect_blocks=1,
                         edit_headroom=False)
     levels = jnp.asarray([-1, -1, -1, -1, 0, 1, 0, 0])
-    emb = jnp.ones((8, 32, 4))
+    emb = jnp.ones((8, pc.block_size, 4))
     gists = (jnp.full((8, 4), 7.0),)
     x, _, _, valid = twc.pack(levels, emb, gists, jnp.ones((8, 4)), pc)
     mask = np.asarray(twc.gist_slots(levels, pc))
@@ -74,14 +74,14 @@ def test_gist_slots_are_exactly_the_packed_gist_rows():
 
 def test_training_reaches_every_reader_parameter_and_no_base_parameter(tiny):
     base_cfg, base = tiny
-    m, g, l = train.build_models(CFG, base_cfg, base)
+    m, g, l = models.build_models(CFG, base_cfg, base)
     # b starts at 0, so a gets no gradient at the very first step (as in LoRA): perturb b
     g = jax.tree_util.tree_map_with_path(
         lambda kp, v: v + 0.1 if any(getattr(k, "key", None) == "b" for k in kp) else v, g)
-    tokens = jnp.asarray(np.asarray(next(train.SyntheticBatches(
+    tokens = jnp.asarray(np.asarray(next(loop.SyntheticBatches(
         CFG.replace(batch_size=2), 256, None))["tokens"]))
-    loss = lambda g_, bp: train.batch_loss({"gist": g_, "lens": l}, bp, tokens,  # noqa: E731
-                                           jax.random.PRNGKey(0), m)[0]
+    loss = lambda g_, bp: objective.batch_loss({"gist": g_, "lens": l}, bp, tokens,  # noqa: E731
+                                               jax.random.PRNGKey(0), m)[0]
     gg, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))(g, base)
     reader = [(kp, v) for kp, v in jax.tree_util.tree_flatten_with_path(gg)[0]
               if "reader" in jax.tree_util.keystr(kp)]
@@ -93,19 +93,19 @@ def test_training_reaches_every_reader_parameter_and_no_base_parameter(tiny):
 
 def test_exported_reader_round_trips_and_is_used_by_eval_gists(tmp_path, tiny):
     base_cfg, base = tiny
-    m, g, l = train.build_models(CFG, base_cfg, base)
+    m, g, l = models.build_models(CFG, base_cfg, base)
     model = nnx.merge(m.gist_graph, g)
     ad = _random_adapter(base, rank=CFG.gist_reader_rank)
     for n in model.reader:
         model.reader[n]["b"][...] = ad[n]["b"]
-    state = train.init_state(m, nnx.state(model), l)
-    train.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
+    state = train_step_mod.init_state(m, nnx.state(model), l)
+    checkpoints.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
     gist, _, info = nets_io.load_networks(tmp_path / "nets")
     assert info["gist_config"]["reader_rank"] == CFG.gist_reader_rank
     for n in ad:
         np.testing.assert_array_equal(np.asarray(gist.reader[n]["b"][...]),
                                       np.asarray(ad[n]["b"]))
-    ids = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (8 * 32 + 16,), 0,
+    ids = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (8 * CFG.block_size + 16,), 0,
                                         base_cfg.vocab_size))
     kw = dict(level=1, blocks=[3, 5], horizon=16)
     with_reader = substitution_nll(base, base_cfg, gist, ids, **kw)

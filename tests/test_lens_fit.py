@@ -1,4 +1,4 @@
-"""Offline LensNet fitting (mc_jax/lens_fit.py) on the tiny config: labels measured with the
+"""Offline LensNet fitting (mc_jax/training/lens_fit.py) on the tiny config: labels measured with the
 frozen tiny base, a fit that lowers the loss, the export round trip, a damaged shard."""
 import types
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mc_jax.training import lens_fit
-from mc_jax.training import train
+from mc_jax.training import checkpoints, lens_fit, loop, models
+from mc_jax.training.step import TrainState
 from mc_jax.errors import McJaxError
 from mc_jax.training.config import load_config
 from mc_jax.nets import io as nets_io
@@ -19,10 +19,10 @@ from mc_jax import stats
 def tiny():
     """The tiny frozen base, a GistNet + LensNet for it, and 6 synthetic windows."""
     cfg = load_config("tiny").replace(phase="lens", n_wc=3, n_edits=4)
-    base_cfg, base_params, _ = train.load_frozen_base(cfg)
-    m, gist_state, lens_state = train.build_models(cfg, base_cfg, base_params)
+    base_cfg, base_params, _ = models.load_frozen_base(cfg)
+    m, gist_state, lens_state = models.build_models(cfg, base_cfg, base_params)
     model = types.SimpleNamespace(params=base_params, cfg=base_cfg, tokenizer=None)
-    toks = np.asarray(next(train.SyntheticBatches(cfg.replace(batch_size=6), 256, None))["tokens"])
+    toks = np.asarray(next(loop.SyntheticBatches(cfg.replace(batch_size=6), 256, None))["tokens"])
     return types.SimpleNamespace(model=model, m=m, gist_state=gist_state, lens_state=lens_state,
                                  toks=toks)
 
@@ -56,7 +56,7 @@ def test_fit_lowers_the_loss_and_exports_a_loadable_checkpoint(measured, tmp_pat
                                         seed=0, workdir=tmp_path, progress=False)
     assert summ["last_loss"] < summ["first_loss"]
     assert summ["val_windows"] == 2 and np.isfinite(summ["val_spearman_last"])
-    train.export_networks(tmp_path / "net", m2, train.TrainState(
+    checkpoints.export_networks(tmp_path / "net", m2, TrainState(
         step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), {"x": 1})
     gist, lens, info = nets_io.load_networks(tmp_path / "net", m.base_cfg)
     assert info["x"] == 1

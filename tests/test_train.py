@@ -4,6 +4,7 @@ no recompilation, exact resume, a save killed half-way, and a loss that falls.""
 import json
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,24 +12,29 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from experiments.gist_capacity import gist_objective as gco
 from mc_jax.base import base_model as bm
-from mc_jax.training import train
+from mc_jax.errors import ConfigError
+from mc_jax.nets import io as nets_io
+from mc_jax.training import checkpoints, loop, models, objective, step as train_step_mod
 from mc_jax.training import windows as twc
 from mc_jax.training.config import load_config
-from mc_jax.nets import io as nets_io
+from mc_jax.training.forward import horizon_nll
 
 CFG = load_config("tiny")
+# the gist-capacity experiment's config: tiny plus its loss variants' fields (at their defaults)
+XCFG = gco.from_train_config(CFG)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    base_cfg, base_params, _ = train.load_frozen_base(CFG)
-    m, g, l = train.build_models(CFG, base_cfg, base_params)
+    base_cfg, base_params, _ = models.load_frozen_base(CFG)
+    m, g, l = models.build_models(CFG, base_cfg, base_params)
     return m, g, l, base_params
 
 
 def _batch(seed=0, n=8):
-    it = train.SyntheticBatches(CFG.replace(seed=seed, batch_size=n), 256, None)
+    it = loop.SyntheticBatches(CFG.replace(seed=seed, batch_size=n), 256, None)
     return np.asarray(next(it)["tokens"])
 
 
@@ -44,11 +50,12 @@ def test_horizon_targets_are_the_next_tokens_not_the_inputs(setup):
     p["layers"]["ffn_norm"] = jnp.ones_like(p["layers"]["ffn_norm"])
     pc, H = m.pack, m.pack.horizon
     a, b = 5, 9
-    emb = bm.embed_tokens(p, jnp.full((pc.seq_len,), a)).reshape(pc.seq_blocks, 32, -1)
-    gists = tuple(jnp.zeros((max(pc.seq_blocks // 32 ** l, 1), cfg.d_model)) for l in range(2))
+    K = pc.block_size
+    emb = bm.embed_tokens(p, jnp.full((pc.seq_len,), a)).reshape(pc.seq_blocks, K, -1)
+    gists = tuple(jnp.zeros((max(pc.seq_blocks // K ** l, 1), cfg.d_model)) for l in range(2))
     hor = jnp.full((H,), b)
     x, pos, sig, valid = twc.pack(twc.recent_window(pc), emb, gists, bm.embed_tokens(p, hor), pc)
-    nll = train.horizon_nll(p, m, x[None], pos[None], sig[None], valid[None], hor[None],
+    nll = horizon_nll(p, m, x[None], pos[None], sig[None], valid[None], hor[None],
                             per_token=True)[0]
     assert float(nll[0]) > 3.0  # b predicted from a: wrong
     assert float(nll[1:].max()) < 0.5  # b predicted from b: right
@@ -61,7 +68,7 @@ def test_horizon_targets_are_the_next_tokens_not_the_inputs(setup):
 def test_gradients_reach_every_gistnet_and_lensnet_parameter_and_never_the_base(setup):
     m, g, l, base = setup
     tokens = jnp.asarray(_batch(n=2))
-    loss = lambda ps, bp: train.batch_loss(ps, bp, tokens, jax.random.PRNGKey(0), m)[0]  # noqa
+    loss = lambda ps, bp: objective.batch_loss(ps, bp, tokens, jax.random.PRNGKey(0), m)[0]  # noqa
     grads, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))({"gist": g, "lens": l}, base)
     for name in ("gist", "lens"):
         for path, v in jax.tree_util.tree_flatten_with_path(grads[name])[0]:
@@ -75,17 +82,17 @@ def test_substitution_wcs_train_gistnet_against_the_recent_window(setup):
     *_, base = setup
     cfg = CFG.replace(phase="gist", n_wc=2, n_subst=3, subst_kl_weight=1.0)
     base_cfg = bm.LlamaConfig.tiny()
-    m, g, l = train.build_models(cfg, base_cfg, base)
+    m, g, l = models.build_models(cfg, base_cfg, base)
     tokens = jnp.asarray(_batch(n=2))
-    loss, met = jax.jit(lambda g_: train.batch_loss({"gist": g_, "lens": l}, base, tokens,
+    loss, met = jax.jit(lambda g_: objective.batch_loss({"gist": g_, "lens": l}, base, tokens,
                                                     jax.random.PRNGKey(0), m))(g)
     assert float(met["subst_kl"]) > 0 and np.isfinite(float(loss))
-    grads = jax.jit(jax.grad(lambda g_: train.batch_loss(
+    grads = jax.jit(jax.grad(lambda g_: objective.batch_loss(
         {"gist": g_, "lens": l}, base, tokens, jax.random.PRNGKey(0), m)[0]))(g)
     assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
     # a context-blind base (attention outputs zeroed) cannot tell gist from block: KL = 0
     blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
-    _, met0 = jax.jit(lambda g_: train.batch_loss({"gist": g_, "lens": l}, blind, tokens,
+    _, met0 = jax.jit(lambda g_: objective.batch_loss({"gist": g_, "lens": l}, blind, tokens,
                                                   jax.random.PRNGKey(0), m))(g)
     assert abs(float(met0["subst_kl"])) < 1e-5 and abs(float(met0["subst_gap"])) < 1e-5
     assert abs(float(met0["subst_minus_drop"])) < 1e-5
@@ -102,8 +109,8 @@ def test_content_term_compares_the_right_gist_with_another_blocks_gist(setup):
     key = jax.random.PRNGKey(0)
 
     def run(c, bp):
-        m, g, l = train.build_models(c, base_cfg, base)
-        f = lambda g_: train.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m)  # noqa
+        m, g, l = models.build_models(c, base_cfg, base)
+        f = lambda g_: objective.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m)  # noqa
         return jax.jit(f)(g), jax.jit(jax.grad(lambda g_: f(g_)[0]))(g)
 
     (_, plain), _ = run(cfg, base)
@@ -127,9 +134,9 @@ def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):
     params = {"gist": g, "lens": l}
     losses = []
     for n in (1, 8):
-        mesh = train.make_mesh(n)
+        mesh = train_step_mod.make_mesh(n)
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        f = jax.jit(lambda ps, bp, t: train.batch_loss(ps, bp, t, jax.random.PRNGKey(1), m)[0],
+        f = jax.jit(lambda ps, bp, t: objective.batch_loss(ps, bp, t, jax.random.PRNGKey(1), m)[0],
                     in_shardings=(rep, rep, data), out_shardings=rep)
         losses.append(float(f(jax.device_put(params, rep), jax.device_put(base, rep),
                               jax.device_put(tokens, data))))
@@ -137,30 +144,32 @@ def test_same_batch_same_loss_on_one_device_and_on_an_8_device_mesh(setup):
 
 
 def _final_params(workdir):
-    mgr = train._manager(workdir, CFG)
+    mgr = checkpoints.manager(workdir, CFG)
     r = mgr.restore(mgr.latest_step())
     return r
 
 
 def _restore_state(workdir, setup):
     m, g, l, _ = setup
-    template = train.init_state(m, g, l)
-    state, data, meta = train.restore_checkpoint(train._manager(workdir, CFG), template)
+    template = train_step_mod.init_state(m, g, l)
+    state, data, meta = checkpoints.restore_checkpoint(checkpoints.manager(workdir, CFG), template)
     return state, data, meta
 
 
 def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_loss(
-        tmp_path, setup, capsys):
+        tmp_path, setup, capsys, monkeypatch):
     """One compiled step serves all of these (the step cache), so they share one test."""
     from mc_jax.cli.commands import main
 
+    # the step traces once in this whole test: a retrace across steps, or a resume that
+    # recompiles the step, raises (chex counts the traces of the step's body)
+    monkeypatch.setattr(train_step_mod, "train_step",
+                        chex.assert_max_traces(train_step_mod.train_step, n=1))
     # 1. an uninterrupted run of 12 steps through the CLI, on the 8-device mesh
     full = tmp_path / "full"
-    n0 = train.TRACE_COUNT["train_step"]
     assert main(["train", "--config", "tiny", "--workdir", str(full), "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 12 and summary["checkpoint"].endswith("checkpoints")
-    assert train.TRACE_COUNT["train_step"] - n0 == 1, "the train step retraced across steps"
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert list((full / "tb").iterdir()), "no TensorBoard events written"
@@ -172,7 +181,7 @@ def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_lo
 
     # 3. interrupted at step 6, a save of step 8 killed half-way, resumed to 12: bit-identical
     part = tmp_path / "part"
-    train.run(CFG, part, steps=6, progress=False)
+    loop.run(CFG, part, steps=6, progress=False)
     ckpts = part / "checkpoints"
     # what a kill during Orbax's save leaves: an unfinalised temporary step folder
     tmp_step = ckpts / "8.orbax-checkpoint-tmp-1234567890"
@@ -181,10 +190,8 @@ def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_lo
         if f.is_file() and f.stat().st_size > 64:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
             break
-    n1 = train.TRACE_COUNT["train_step"]
-    res = train.run(CFG, part, steps=12, resume=True, progress=False)
+    res = loop.run(CFG, part, steps=12, resume=True, progress=False)  # no retrace (chex)
     assert res["steps"] == 12
-    assert train.TRACE_COUNT["train_step"] == n1, "resume recompiled the step"
     a, da, _ = _restore_state(full, setup)
     b, db, _ = _restore_state(part, setup)
     assert da == db
@@ -198,8 +205,8 @@ def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_lo
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, setup, monkeypatch):
-    train.run(CFG, tmp_path, steps=2, progress=False)
-    real = train.load_frozen_base
+    loop.run(CFG, tmp_path, steps=2, progress=False)
+    real = models.load_frozen_base
 
     def poisoned(cfg):  # same shapes: the cached compiled step is reused
         bcfg, params, tok = real(cfg)
@@ -207,16 +214,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, set
         params = dict(params, layers=layers)
         return bcfg, params, tok
 
-    monkeypatch.setattr(train, "load_frozen_base", poisoned)
-    with pytest.raises(train.TrainingDivergedError, match="NaN/inf at step 3"):
-        train.run(CFG, tmp_path, steps=4, resume=True, progress=False)
-    assert train._manager(tmp_path, CFG).latest_step() == 2
+    monkeypatch.setattr(loop, "load_frozen_base", poisoned)
+    with pytest.raises(loop.TrainingDivergedError, match="NaN/inf at step 3"):
+        loop.run(CFG, tmp_path, steps=4, resume=True, progress=False)
+    assert checkpoints.manager(tmp_path, CFG).latest_step() == 2
 
 
 def test_networks_export_round_trip(tmp_path, setup):
     m, g, l, _ = setup
-    state = train.init_state(m, g, l)
-    train.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
+    state = train_step_mod.init_state(m, g, l)
+    checkpoints.export_networks(tmp_path / "nets", m, state, {"steps": 0}, dtype="float32")
     gist, lens, info = nets_io.load_networks(tmp_path / "nets")
     assert info["steps"] == 0 and info["train_config"]["name"] == "tiny"
     for a, b in zip(jax.tree.leaves(nnx.state(gist, nnx.Param)), jax.tree.leaves(g)):
@@ -230,10 +237,10 @@ def test_init_from_warm_starts_both_networks_and_rejects_a_checkpoint_of_other_s
     m, g, l, _ = setup
     before = [np.asarray(v).copy() for v in jax.tree.leaves((g, l))]
     bumped = jax.tree.map(lambda v: v + 0.25, (g, l))
-    train.export_networks(tmp_path / "src", m, train.init_state(m, *bumped), {"steps": 7},
+    checkpoints.export_networks(tmp_path / "src", m, train_step_mod.init_state(m, *bumped), {"steps": 7},
                           dtype="float32")
     cfg = CFG.replace(init_from=str(tmp_path / "src"))
-    train.run(cfg, tmp_path / "run", steps=0, progress=False, export=tmp_path / "out")
+    loop.run(cfg, tmp_path / "run", steps=0, progress=False, export=tmp_path / "out")
     gist, lens, info = nets_io.load_networks(tmp_path / "out")
     assert info["train_config"]["init_from"] == str(tmp_path / "src")
     for mod, want in ((gist, bumped[0]), (lens, bumped[1])):
@@ -242,17 +249,17 @@ def test_init_from_warm_starts_both_networks_and_rejects_a_checkpoint_of_other_s
         for a, b in zip(got, jax.tree.leaves(want)):  # the run exports in bf16
             np.testing.assert_array_equal(np.asarray(a),
                                           np.asarray(b).astype(jnp.bfloat16).astype(np.float32))
-    g1, l1 = train.warm_start(m, g, l, tmp_path / "src")
+    g1, l1 = checkpoints.warm_start(m, g, l, tmp_path / "src")
     for a, b in zip(jax.tree.leaves((g1, l1)), jax.tree.leaves(bumped)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves((g, l)), before):  # the caller's states are not touched
         np.testing.assert_array_equal(np.asarray(a), b)
-    base_cfg, base_params, _ = train.load_frozen_base(CFG)
-    m2, g2, l2 = train.build_models(CFG.replace(gist_width=32), base_cfg, base_params)
-    with pytest.raises(train.ConfigError, match="does not fit this config: parameter gist/"):
-        train.warm_start(m2, g2, l2, tmp_path / "src")
-    with pytest.raises(train.ConfigError, match="no networks.safetensors"):
-        train.warm_start(m, g, l, tmp_path / "run")
+    base_cfg, base_params, _ = models.load_frozen_base(CFG)
+    m2, g2, l2 = models.build_models(CFG.replace(gist_width=32), base_cfg, base_params)
+    with pytest.raises(ConfigError, match="does not fit this config: parameter gist/"):
+        checkpoints.warm_start(m2, g2, l2, tmp_path / "src")
+    with pytest.raises(ConfigError, match="no networks.safetensors"):
+        checkpoints.warm_start(m, g, l, tmp_path / "run")
 
 
 def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_apart(setup):
@@ -270,19 +277,19 @@ def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_ap
         return (lse - np.diag(lg)).mean(), (lg.argmax(1) == np.arange(N)).mean()
 
     for a, b in ((g, e), (e + 0.1 * g, e)):
-        got = train.gist_info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), t)
+        got = gco.gist_info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), t)
         np.testing.assert_allclose([float(x) for x in got], ref(a, b), rtol=1e-4, atol=1e-5)
-    const, _ = train.gist_info_nce(jnp.ones((N, D)), jnp.asarray(e, jnp.float32), t)
+    const, _ = gco.gist_info_nce(jnp.ones((N, D)), jnp.asarray(e, jnp.float32), t)
     np.testing.assert_allclose(float(const), np.log(N), rtol=1e-5)
-    own, top1 = train.gist_info_nce(jnp.asarray(e, jnp.float32), jnp.asarray(e, jnp.float32), t)
+    own, top1 = gco.gist_info_nce(jnp.asarray(e, jnp.float32), jnp.asarray(e, jnp.float32), t)
     assert float(top1) == 1.0 and float(own) < 0.1
     *_, base = setup
-    cfg = CFG.replace(phase="gist")
-    m, g0, l0 = train.build_models(cfg, bm.LlamaConfig.tiny(), base)
+    cfg = XCFG.replace(phase="gist")
+    m, g0, l0 = models.build_models(cfg, bm.LlamaConfig.tiny(), base)
     tokens = jnp.asarray(_batch(n=2))
-    f = lambda c, g_: train.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
-                                       jax.random.PRNGKey(0), train.Models(**{**m.__dict__,
-                                                                              "cfg": c}))
+    f = lambda c, g_: objective.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
+                                           jax.random.PRNGKey(0), models.Models(**{**m.__dict__,
+                                                                                  "cfg": c}))
     loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
     c1 = cfg.replace(gist_info_weight=0.5)
     loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
@@ -292,16 +299,19 @@ def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_ap
 
 
 def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path, setup):
-    """A field added to TrainConfig later counts as its default in an older run's config.json;
-    a real difference is still refused."""
-    train.run(CFG, tmp_path, steps=2, progress=False)
+    """A field added to TrainConfig later (or by an experiment's config subclass) counts as its
+    default in an older run's config.json; a real difference is still refused."""
+    loop.run(CFG, tmp_path, steps=2, progress=False)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["gist_info_weight"]
+    del saved["subst_recent"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert train.run(CFG, tmp_path, steps=2, resume=True, progress=False)["steps"] == 2
-    with pytest.raises(train.ConfigError, match="differs in: gist_info_weight"):
-        train.run(CFG.replace(gist_info_weight=0.5), tmp_path, steps=2, resume=True,
-                  progress=False)
+    assert loop.run(CFG, tmp_path, steps=2, resume=True, progress=False)["steps"] == 2
+    # the run's config.json has none of the experiment config's fields
+    assert "gist_info_weight" not in json.loads((tmp_path / "config.json").read_text())
+    assert loop.run(XCFG, tmp_path, steps=2, resume=True, progress=False)["steps"] == 2
+    with pytest.raises(ConfigError, match="differs in: gist_info_weight"):
+        loop.run(XCFG.replace(gist_info_weight=0.5), tmp_path, steps=2, resume=True,
+                 progress=False)
 
 
 def test_gist_recon_reads_each_block_back_after_its_gist(setup):
@@ -314,14 +324,14 @@ def test_gist_recon_reads_each_block_back_after_its_gist(setup):
     base_cfg = bm.LlamaConfig.tiny()
     blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
     rng = np.random.default_rng(1)
-    B, P_, K = 3, 4, 32
+    B, P_, K = 3, 4, CFG.block_size
     ids = jnp.asarray(rng.integers(0, base_cfg.vocab_size, (B, P_ + K)), jnp.int32)
     emb = bm.embed_tokens(blind, ids).astype(jnp.float32)
     gists = jnp.asarray(rng.normal(size=(B, base_cfg.d_model)), jnp.float32)
     targets = ids[:, P_:]
-    got = train.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets)
-    got_none = train.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets,
-                                    with_gist=False)
+    got = gco.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets)
+    got_none = gco.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets,
+                                  with_gist=False)
 
     def alone(x_D, target):  # NLL of `target` from one input at position 0 (wo = 0: no context)
         lg, _ = bm.forward(blind, base_cfg, x_D[None, None], jnp.zeros((1, 1), jnp.int32))
@@ -335,12 +345,12 @@ def test_gist_recon_reads_each_block_back_after_its_gist(setup):
                                                                 int(targets[b, 0])), rtol=1e-4)
         np.testing.assert_allclose(np.asarray(got_none[b, 1:]), want[1:], rtol=1e-4, atol=1e-4)
 
-    cfg = CFG.replace(phase="gist")
-    m, g0, l0 = train.build_models(cfg, base_cfg, base)
+    cfg = XCFG.replace(phase="gist")
+    m, g0, l0 = models.build_models(cfg, base_cfg, base)
     tokens = jnp.asarray(_batch(n=2))
-    f = lambda c, g_: train.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
-                                       jax.random.PRNGKey(0), train.Models(**{**m.__dict__,
-                                                                              "cfg": c}))
+    f = lambda c, g_: objective.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
+                                           jax.random.PRNGKey(0), models.Models(**{**m.__dict__,
+                                                                                  "cfg": c}))
     loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
     c1 = cfg.replace(recon_weight=0.5, recon_blocks=4, recon_prefix=8)
     loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
@@ -357,8 +367,8 @@ def test_gist_recon_reads_each_block_back_after_its_gist(setup):
     np.testing.assert_allclose(float(loss2 - loss1),
                                0.5 * (10.0 + float(met1["recon_minus_wrong"])), rtol=1e-3)
     for bad, name in ((dict(recon_blocks=1), "recon_blocks"), (dict(recon_prefix=0), "recon_prefix"),
-                      (dict(recon_blocks=CFG.seq_len // 32), "recon_blocks")):
+                      (dict(recon_blocks=CFG.seq_len // CFG.block_size), "recon_blocks")):
         with pytest.raises(Exception, match=name):
-            CFG.replace(recon_weight=1.0, **bad)
+            XCFG.replace(recon_weight=1.0, **bad)
     with pytest.raises(Exception, match="recon_weight"):
-        CFG.replace(recon_content_weight=1.0)
+        XCFG.replace(recon_content_weight=1.0)

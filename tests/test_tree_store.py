@@ -11,6 +11,7 @@ import pytest
 from mc_jax.core import focus
 from mc_jax.core import tree as tr
 from mc_jax.core import tree_store as ts
+from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, CorruptFileError
 from core_reference import dyadic_table
@@ -168,13 +169,13 @@ def test_host_tree_streams_and_pages_in_what_the_wc_needs(tmp_path):
                       focus.FocusConfig(cooldown=0), 0)
     wcm.check_wc(wc, wcfg)
     paged = reopened.gather(wc, wcfg)
-    direct = wcm.gather_entries(wc, device, wcfg)
+    direct = mat.gather_entries(wc, device, wcfg)
     np.testing.assert_array_equal(np.asarray(paged.tokens_ExK), np.asarray(direct.tokens_ExK))
     np.testing.assert_array_equal(np.asarray(paged.vec_ExD), np.asarray(direct.vec_ExD))
-    mat = jax.jit(lambda wc, data, mode: wcm.materialise(wc, data, embed, wcfg, mode),
-                  static_argnums=2)
+    materialise = jax.jit(lambda wc, data, mode: mat.materialise(wc, data, embed, wcfg, mode),
+                          static_argnums=2)
     for mode in ("compact", "global"):
-        a, b = mat(wc, paged, mode), mat(wc, direct, mode)
+        a, b = materialise(wc, paged, mode), materialise(wc, direct, mode)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

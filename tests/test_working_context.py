@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mc_jax.core import focus
+from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError
 from core_reference import JitCore, assert_materialise_equal, assert_wc_equal
@@ -165,7 +166,7 @@ def test_materialise_hand_example():
     for mode in ("compact", "global"):
         assert_materialise_equal(c, wc, ref, mode)
     with pytest.raises(ValueError, match="mode"):
-        wcm.materialise_tree(wc, c.tree, c.embed, WCFG, "absolute")
+        mat.materialise_tree(wc, c.tree, c.embed, WCFG, "absolute")
 
 
 def test_lens_inputs_view():

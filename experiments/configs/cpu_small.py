@@ -1,5 +1,5 @@
 """CPU sweep on the real base (SmolLM2-135M), budgets W = 512..1024, base-only policies plus the
-MegaContext policies (rows say "unavailable" until mc_jax.runtime.decode.make_policy exists).
+MegaContext policies (rows say "unavailable" when their trained networks are missing).
 
     mc-jax eval --sweep experiments/configs/cpu_small.py            # ~40 min on 2 idle cores (est.)
     mc-jax eval --sweep experiments/configs/cpu_small.py:quick      # measured: see docs/results.md

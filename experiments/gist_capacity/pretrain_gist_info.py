@@ -1,13 +1,16 @@
 """Put block content back into a GistNet's gists, cheaply: GistNet alone (no base forward) trained
-on `train.gist_info_nce` (each LOD1 gist has to pick out its block's mean token embedding among the
-sequence's blocks), optionally with the training's variance floor, on the train split. The gist reader and LensNet are kept as they are. Stage 1
-of a two-stage recipe; stage 2 is `mc-jax train --set init_from=OUT --set gist_info_weight=...`.
+on `gist_objective.gist_info_nce` (each LOD1 gist has to pick out its block's mean token embedding
+among the sequence's blocks), optionally with the training's variance floor, on the train split.
+The gist reader and LensNet are kept as they are. Stage 1 of a two-stage recipe; stage 2 is
+`mc-jax train --config experiments/gist_capacity/gist_objective.py:cpu_small:reader
+--set init_from=OUT --set gist_info_weight=...`.
 
     .venv/bin/python experiments/gist_capacity/pretrain_gist_info.py \
         --init runs/reader_near/export --steps 600 --out runs/info_pre/export \
         --metrics experiments/gist_capacity/metrics_info_pretrain.jsonl
 """
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,13 +22,14 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from gist_objective import GistCapacityConfig, gist_info_nce, gist_variance_floor
 from mc_jax.base import base_model as bm
-from mc_jax.data import pipeline as data
-from mc_jax.training import train
-from mc_jax.eval.networks import _validation_windows
-from mc_jax.training.lens_fit import load_models
 from mc_jax.base.loading import load_base
-from mc_jax.training.config import TrainConfig
+from mc_jax.data import pipeline as data
+from mc_jax.eval.networks import _validation_windows
+from mc_jax.training.checkpoints import export_networks
+from mc_jax.training.lens_fit import load_models
+from mc_jax.training.step import TrainState
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--init", required=True, help="exported GistNet + LensNet to start from")
@@ -41,10 +45,11 @@ ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--out", required=True)
 ap.add_argument("--metrics", default=None)
 a = ap.parse_args()
-K, T = 32, 2048
+T = 2048
 model = load_base(None)
 m, gist_state, lens_state, info = load_models(model, a.init, 1, 1)
-tcfg = TrainConfig(**info["train_config"])
+K = m.pack.block_size
+tcfg = GistCapacityConfig.from_dict(info["train_config"])
 src = data.open_split("train", model.tokenizer)
 it = data.make_batch_iterator(src, data.WindowConfig(T, a.batch, seed=a.seed))
 held = [jnp.asarray(w) for w in _validation_windows(model.tokenizer, T, 8, 7, None)]
@@ -63,8 +68,8 @@ def info_loss(state, ids_BxT):
     def one(ids):
         e = bm.embed_tokens(model.params, ids).astype(jnp.float32).reshape(T // K, K, -1)
         g1 = g(1, e)
-        info, top1 = train.gist_info_nce(g1, e.mean(1), a.temp)
-        var, spread = train.gist_variance_floor(g1, tcfg.gist_var_target, m.gist_cfg.embed_rms)
+        info, top1 = gist_info_nce(g1, e.mean(1), a.temp)
+        var, spread = gist_variance_floor(g1, tcfg.gist_var_target, m.gist_cfg.embed_rms)
         return info + a.var_weight * var, top1, spread
 
     loss, top1, spread = jax.vmap(one)(ids_BxT)
@@ -97,7 +102,7 @@ meta = {k: v for k, v in info.items() if k not in ("train_config", "gist_config"
                                                     "dtype")}
 meta["gist_info_pretrain"] = dict(vars(a), heldout_loss=float(hl), heldout_top1=float(ht),
                                   heldout_gist_std=float(hs))
-m_orig = train.Models(**{**m.__dict__, "cfg": TrainConfig(**info["train_config"])})
-train.export_networks(Path(a.out), m_orig, train.TrainState(
+m_orig = dataclasses.replace(m, cfg=tcfg)
+export_networks(Path(a.out), m_orig, TrainState(
     step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
 print(json.dumps({"out": a.out, **meta["gist_info_pretrain"]}))

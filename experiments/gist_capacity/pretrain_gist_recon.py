@@ -5,8 +5,8 @@ Each example is one 32-token block b of a training window, laid out for the base
 
     [last P tokens of block b-1] [gist of block b] [the 32 tokens of block b]
 
-at compact positions 0..P+32 (`train.gist_recon_nll`, also `--set recon_weight=...` in
-`mc-jax train`); the loss is the base's next-token NLL of block b's tokens, the first one
+at compact positions 0..P+32 (`gist_objective.gist_recon_nll`, also `--set recon_weight=...` in
+`mc-jax train --config experiments/gist_capacity/gist_objective.py:...`); the loss is the base's next-token NLL of block b's tokens, the first one
 predicted at the gist slot. Block b's tokens come only after the gist, so the gist is the only way
 its content reaches its first tokens. The prefix keeps the gist off position 0, which the base
 uses as an attention sink. The hope was a loss without the horizon losses' placeholder optimum;
@@ -24,6 +24,7 @@ Whole block and first 8 tokens.
         --metrics experiments/gist_capacity/metrics_recon_reader.jsonl
 """
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,13 +36,14 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from gist_objective import GistCapacityConfig, gist_recon_nll, gist_variance_floor
 from mc_jax.base import base_model as bm
-from mc_jax.data import pipeline as data
-from mc_jax.training import train
-from mc_jax.eval.networks import _validation_windows
-from mc_jax.training.lens_fit import load_models
 from mc_jax.base.loading import load_base
-from mc_jax.training.config import TrainConfig
+from mc_jax.data import pipeline as data
+from mc_jax.eval.networks import _validation_windows
+from mc_jax.training.checkpoints import export_networks
+from mc_jax.training.lens_fit import load_models
+from mc_jax.training.step import TrainState
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--init", required=True, help="exported GistNet + LensNet to start from")
@@ -63,11 +65,12 @@ ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--out", required=True)
 ap.add_argument("--metrics", default=None)
 a = ap.parse_args()
-K, T, P = 32, 2048, a.prefix
-NB = T // K
+T, P = 2048, a.prefix
 model = load_base(None)
 m, gist_state, lens_state, info = load_models(model, a.init, 1, 1)
-tcfg = TrainConfig(**info["train_config"])
+K = m.pack.block_size
+NB = T // K
+tcfg = GistCapacityConfig.from_dict(info["train_config"])
 params = jax.lax.stop_gradient(model.params)
 src = data.open_split("train", model.tokenizer)
 it = data.make_batch_iterator(src, data.WindowConfig(T, a.windows, seed=a.seed))
@@ -88,11 +91,11 @@ opt_state = opt.init(gist_state)
 
 def block_nll(g, adapter, ids_T, blocks_B, gist_B=None, with_gist=True):
     """[B, K] NLL of each listed block's tokens, laid out as [prefix][gist][block]
-    (`train.gist_recon_nll`), and the gists used."""
+    (`gist_objective.gist_recon_nll`), and the gists used."""
     emb = bm.embed_tokens(params, ids_T).astype(jnp.float32).reshape(NB, K, -1)
     if gist_B is None:
         gist_B = g(1, emb[blocks_B])
-    nll = train.gist_recon_nll(params, model.cfg, gist_B, emb[blocks_B - 1, K - P:], emb[blocks_B],
+    nll = gist_recon_nll(params, model.cfg, gist_B, emb[blocks_B - 1, K - P:], emb[blocks_B],
                                ids_T.reshape(NB, K)[blocks_B], adapter, with_gist)
     return nll, gist_B
 
@@ -111,7 +114,7 @@ def loss_fn(state, ids_WxT, blocks_WxB):
             loss = loss + a.wrong_weight * hinge
             aux["recon_minus_wrong"] = nll.mean() - wrong.mean()
         if a.var_weight > 0:
-            var, _ = train.gist_variance_floor(gists, tcfg.gist_var_target, m.gist_cfg.embed_rms)
+            var, _ = gist_variance_floor(gists, tcfg.gist_var_target, m.gist_cfg.embed_rms)
             loss = loss + a.var_weight * var
         return loss, aux
 
@@ -142,8 +145,8 @@ def heldout(state):
     # the wrong gist: roll across windows (blocks of other documents)
     wrong2, _ = jax.vmap(lambda ids, bl, gs: block_nll(g, adapter, ids, bl, gs))(
         held, held_blocks, jnp.roll(gists, 1, axis=0))
-    _, spread = train.gist_variance_floor(gists.reshape(-1, gists.shape[-1]),
-                                          tcfg.gist_var_target, m.gist_cfg.embed_rms)
+    _, spread = gist_variance_floor(gists.reshape(-1, gists.shape[-1]),
+                                    tcfg.gist_var_target, m.gist_cfg.embed_rms)
     out = {"recon": right.mean(), "recon_first8": right[..., :8].mean(),
            "recon_minus_wrong": right.mean() - wrong2.mean(),
            "recon_minus_wrong_same_doc": right.mean() - wrong.mean(),
@@ -188,7 +191,7 @@ for i in tqdm(range(a.steps + 1), desc="gist recon pretrain"):
 meta = {k: v for k, v in info.items() if k not in ("train_config", "gist_config", "lens_config",
                                                     "dtype")}
 meta["gist_recon_pretrain"] = dict(vars(a), **hrow)
-m_orig = train.Models(**{**m.__dict__, "cfg": TrainConfig(**info["train_config"])})
-train.export_networks(Path(a.out), m_orig, train.TrainState(
+m_orig = dataclasses.replace(m, cfg=tcfg)
+export_networks(Path(a.out), m_orig, TrainState(
     step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
 print(json.dumps({"out": a.out, **meta["gist_recon_pretrain"]}))

@@ -15,7 +15,7 @@ from mc_jax.base.loading import load_base
 from mc_jax.base import base_model as bm
 from mc_jax.training import windows as twc
 from mc_jax.eval.networks import _validation_windows
-from mc_jax.training.train import packed_logits
+from mc_jax.training.forward import packed_logits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--windows", type=int, default=4)

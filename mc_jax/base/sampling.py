@@ -1,4 +1,9 @@
-"""Token sampling (greedy, temperature, top-p) and plain base-model generation with a KV cache.
+"""Token sampling (greedy, temperature, top-p) and base-model generation with a KV cache.
+
+The package's one token-by-token generation loop (`generate_from_cache`) and its one set of stop
+ids (`stop_ids`): plain generation (`generate`), the window policies' greedy answers
+(`mc_jax.eval.policies.window`) and the runtime's answer after a working context
+(`mc_jax.runtime.answer`) each prefill a cache their own way and continue through it.
 
 Prompts are padded to a few fixed lengths (powers of two from 64) so a new prompt length does not
 cost a new compile; the decode step is one jitted function whose cache is donated.
@@ -52,14 +57,48 @@ def prefill(params, cfg, cache, ids_BxT, valid_BxT):
     return logits, cache
 
 
+def stop_ids(model) -> frozenset[int]:
+    """The ids that end an answer: the base's and the tokenizer's end-of-sequence ids and
+    `<|endoftext|>` where the tokenizer has it (byte tokenizers have none)."""
+    stops = {model.cfg.eos_id, getattr(model.tokenizer, "eos_id", None)}
+    tok = getattr(model.tokenizer, "token_to_id", None)
+    if tok is not None:
+        try:
+            stops.add(tok("<|endoftext|>"))
+        except Exception:  # byte tokenizers have no special tokens
+            pass
+    return frozenset(int(i) for i in stops if i is not None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_step(params, cfg, cache, tok_B, index, key, temperature, top_p):
-    """Feed one token at cache slot `index` (its position too); sample the next one."""
+def decode_step(params, cfg, cache, tok_B, index, key, temperature, top_p, pos=None):
+    """Feed one token at cache slot `index` (at position `pos`, default the slot); sample the
+    next one."""
     B = tok_B.shape[0]
-    pos = jnp.full((B, 1), index, jnp.int32)
+    pos = jnp.full((B, 1), index if pos is None else pos, jnp.int32)
     logits, cache = bm.forward(params, cfg, tok_B[:, None], pos, cache=cache, cache_index=index)
     nxt = sample_token(logits[:, -1], key, temperature, top_p)
     return nxt, cache
+
+
+def generate_from_cache(params, cfg: bm.LlamaConfig, cache, tok_B, index: int, *,
+                        max_new_tokens: int, key, temperature: float = 0.0, top_p: float = 1.0,
+                        stop_ids=(), pos: int | None = None) -> Iterator[int]:
+    """Stream new token ids (batch 1) from a prefilled cache.
+
+    tok_B: the first new token (chosen from the prompt's last logit); it is yielded, then fed at
+    cache slot `index` (position `pos`, default the slot), and so on one slot further per token.
+    Ends after yielding a stop id or `max_new_tokens` ids. `key` is split once per new token.
+    """
+    for i in range(max_new_tokens):
+        t = int(tok_B[0])
+        yield t
+        if t in stop_ids or i == max_new_tokens - 1:
+            return
+        key, sub = jax.random.split(key)
+        tok_B, cache = decode_step(params, cfg, cache, tok_B, jnp.int32(index + i), sub,
+                                   jnp.float32(temperature), jnp.float32(top_p),
+                                   pos=None if pos is None else jnp.int32(pos + i))
 
 
 def generate(params, cfg: bm.LlamaConfig, prompt_ids: list[int], *, max_new_tokens: int,
@@ -87,16 +126,9 @@ def generate(params, cfg: bm.LlamaConfig, prompt_ids: list[int], *, max_new_toke
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
     tok = sample_token(logits[:, len(prompt) - 1], sub, temperature, top_p)
-    index = len(prompt)
-    for i in range(max_new_tokens):
-        t = int(tok[0])
-        yield t
-        if t in stop_ids or i == max_new_tokens - 1:
-            return
-        key, sub = jax.random.split(key)
-        tok, cache = decode_step(params, cfg, cache, tok, jnp.int32(index), sub,
-                                 jnp.float32(temperature), jnp.float32(top_p))
-        index += 1
+    yield from generate_from_cache(params, cfg, cache, tok, len(prompt),
+                                   max_new_tokens=max_new_tokens, key=key,
+                                   temperature=temperature, top_p=top_p, stop_ids=stop_ids)
 
 
 def stream_text(tokenizer, token_iter: Iterator[int], write: Callable[[str], None]) -> list[int]:

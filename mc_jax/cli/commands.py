@@ -1,10 +1,22 @@
-"""The `mc-jax` command line. Each subcommand imports what it needs lazily, so `--help` is fast."""
+"""The `mc-jax` command line: the parser and the small subcommands; the runtime, training and
+evaluation subcommands live beside this file (`generate.py`, `train.py`, `eval.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from mc_jax.base import loading
+from mc_jax.base.perplexity import file_perplexity
+from mc_jax.base.sampling import Timer, generate, stop_ids, stream_text
+from mc_jax.cli import eval as eval_cmds
+from mc_jax.cli import generate as generate_cmds
+from mc_jax.cli import train as train_cmds
+from mc_jax.data import pipeline as data
+from mc_jax.errors import McJaxError
+from mc_jax.training.config import add_train_args
 
 
 def _add_base(p):
@@ -16,34 +28,25 @@ def _add_base(p):
 
 
 def cmd_convert_base(args) -> int:
-    from mc_jax.base.loading import convert_gguf, default_gguf_path, resolve_base
-    from pathlib import Path
-
     if args.base and Path(args.base).is_dir():
         print(f"{args.base} is already a Hugging Face directory; nothing to convert")
         return 0
-    src = Path(args.base) if args.base else default_gguf_path()
-    out = convert_gguf(src, force=args.force)
-    resolve_base(str(src))  # validates it loads
+    src = Path(args.base) if args.base else loading.default_gguf_path()
+    out = loading.convert_gguf(src, force=args.force)
+    loading.resolve_base(str(src))  # validates it loads
     print(f"converted base: {src} -> {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    if args.input or args.question or args.budget:
-        from mc_jax.runtime.decode import generate_cli  # MegaContext runtime (long histories)
-
-        return generate_cli(args)
+    if args.input or args.question or args.budget:  # MegaContext runtime (long histories)
+        return generate_cmds.generate_cli(args)
     if args.prompt is None:
         print("error: give --prompt TEXT (or --input FILE for a long history)", file=sys.stderr)
         return 2
-    from mc_jax.base.loading import load_base
-    from mc_jax.base.sampling import Timer, generate, stream_text
-
-    model = load_base(args.base, dtype=args.dtype)
+    model = loading.load_base(args.base, dtype=args.dtype)
     prompt = model.tokenizer.encode(args.prompt)
-    stops = tuple(i for i in (model.cfg.eos_id, model.tokenizer.token_to_id("<|endoftext|>"))
-                  if i is not None)
+    stops = tuple(sorted(stop_ids(model)))
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     with Timer() as t:
@@ -60,21 +63,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from mc_jax.base.loading import load_base
-    from mc_jax.base.perplexity import file_perplexity
-
-    model = load_base(args.base, dtype=args.dtype)
+    model = loading.load_base(args.base, dtype=args.dtype)
     res = file_perplexity(model, args.file, max_tokens=args.max_tokens)
     print(f"tokens: {res['tokens']}  scored: {res['scored']}  perplexity: {res['perplexity']:.4f}")
     if args.json:
         print(json.dumps(res))
     return 0
-
-
-def _lazy(module: str):
-    import importlib
-
-    return importlib.import_module(module)
 
 
 def _add_runtime_args(p):
@@ -156,13 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="last line: JSON summary")
     _add_runtime_args(p)
     _add_base(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.runtime.decode").score_cli(a))
-
-    from mc_jax.training.config import add_train_args
+    p.set_defaults(func=generate_cmds.score_cli)
 
     p = sub.add_parser("train", help="train GistNet and LensNet against the frozen base")
     add_train_args(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.training.train").train_cli(a))
+    p.set_defaults(func=train_cmds.train_cli)
 
     p = sub.add_parser("fit-lens", help="fit LensNet offline on measured single-edit "
                                         "utilities (GistNet from --checkpoint, unchanged)")
@@ -182,42 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="write GistNet + fitted LensNet here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_base(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.training.lens_fit").fit_lens_cli(a))
+    p.set_defaults(func=train_cmds.fit_lens_cli)
 
     p = sub.add_parser("eval-gists", help="delta-NLL@H of gist substitution per level "
                                           "(GistNet vs mean-pool vs untrained vs dropping)")
     _add_eval_args(p, lens=False)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.networks").eval_gists_cli(a))
+    p.set_defaults(func=eval_cmds.eval_gists_cli)
     p = sub.add_parser("eval-lens", help="Spearman of LensNet scores vs measured edit utility")
     _add_eval_args(p, lens=True)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.networks").eval_lens_cli(a))
+    p.set_defaults(func=eval_cmds.eval_lens_cli)
 
     p = sub.add_parser("eval", help="run an evaluation sweep "
                                     "(experiments/configs/NAME.py[:VARIANT])")
-    from mc_jax.eval.sweep import add_eval_args
+    eval_cmds.add_eval_args(p)
+    p.set_defaults(func=eval_cmds.eval_cli)
 
-    add_eval_args(p)
-    p.set_defaults(func=lambda a: _lazy("mc_jax.eval.sweep").eval_cli(a))
-
-    _register_optional(sub)
+    p = sub.add_parser("prepare-data", help="build the tokenised corpus (TFDS, ArrayRecord)")
+    data.add_prepare_data_args(p)
+    p.set_defaults(func=lambda a: data.prepare_data_cli(a) or 0)
     return parser
 
 
-def _register_optional(sub) -> None:
-    """Subcommands whose modules land separately (data, training, evaluation)."""
-    try:
-        from mc_jax.data import pipeline as data
-    except ImportError:
-        data = None
-    if data is not None and hasattr(data, "add_prepare_data_args"):
-        p = sub.add_parser("prepare-data", help="build the tokenised corpus (TFDS, ArrayRecord)")
-        data.add_prepare_data_args(p)
-        p.set_defaults(func=lambda a: data.prepare_data_cli(a) or 0)
-
-
 def main(argv=None) -> int:
-    from mc_jax.errors import McJaxError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

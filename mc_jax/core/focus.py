@@ -195,7 +195,7 @@ def allocate(wc: WorkingContext, u_E: jax.Array, wcfg: WCConfig, fcfg: FocusConf
     wc, u, log, no_room = jax.lax.fori_loop(0, n_f, forced, (wc, u, log, jnp.bool_(False)))
     no_room = no_room | (wc.total_cost() + incoming > wcfg.w_max)
 
-    age = jnp.where(wc.age_E < 0, 0, jnp.minimum(wc.age_E + 1, wcm.AGE_MAX))
+    age = jnp.where(wc.age_E < 0, 0, jnp.minimum(wc.age_E + 1, wcm.NEVER_EDITED))
     wc = wc.replace(age_E=jnp.where(wc.valid_E, age, 0),
                     error=wc.error | jnp.where(no_room, wcm.ERR_NO_ROOM, 0))
     out_log = ActionLog(kind_A=log["kind"], level_A=log["level"], node_A=log["node"],
@@ -210,7 +210,7 @@ def allocate(wc: WorkingContext, u_E: jax.Array, wcfg: WCConfig, fcfg: FocusConf
 def recency_step(wc: WorkingContext, wcfg: WCConfig, incoming=None) -> WorkingContext:
     """The no-LensNet baseline for a running decode: rebuild the recency-policy WC for the
     current history, leaving room for `incoming` tokens (default K). Ages of the rebuilt
-    entries restart at AGE_MAX (the baseline has no cooldown); error bits are kept."""
+    entries restart at NEVER_EDITED (the baseline has no cooldown); error bits are kept."""
     K = wcfg.block_size
     incoming = jnp.clip(jnp.asarray(K if incoming is None else incoming, jnp.int32), 0, K)
     out = wcm.build_recency(wc.num_tokens, wcfg, budget=wcfg.w_max - incoming)

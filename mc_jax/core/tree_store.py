@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mc_jax.core import tree as tr
+from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, CorruptFileError
 
@@ -327,7 +328,7 @@ class HostTree:
             with open(_level_path(self.path, level), "r+b") as f:
                 f.write(header)
 
-    def gather(self, wc: wcm.WorkingContext, wcfg: wcm.WCConfig) -> wcm.EntryData:
+    def gather(self, wc: wcm.WorkingContext, wcfg: wcm.WCConfig) -> mat.EntryData:
         """Page in what the WC needs: a gather by its entries' node indices (host side).
 
         Same result as `working_context.gather_entries` on a device tree with this content.
@@ -352,4 +353,4 @@ class HostTree:
             sel = np.nonzero(valid & (view == l) & ((level > 0) | complete))[0]
             if sel.size:
                 vec[sel] = self.gists[l - 1][node[sel]]
-        return wcm.EntryData(tokens_ExK=jnp.asarray(tokens), vec_ExD=jnp.asarray(vec))
+        return mat.EntryData(tokens_ExK=jnp.asarray(tokens), vec_ExD=jnp.asarray(vec))

@@ -9,13 +9,14 @@ Everything here is a pure, static-shape function (gathers, scatters, cumsums ove
 rows), so it jit-compiles once per `WCConfig`. Errors inside jit leave the WC unchanged and set
 a sticky bit in `WorkingContext.error`; `check_wc` raises them on the host.
 
+Materialising a WC for the base model (embeddings, positions) is `core/materialise.py`.
+
 Letters: E entry rows (E_max = w_max + 1), W slots (w_max), K block size, D gist width.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 
 from mc_jax.errors import CapacityError, ConfigError, McJaxError
 
-AGE_MAX = 1 << 20  # "never edited"; steps-since-edit saturates here
+NEVER_EDITED = 2 ** 30  # steps-since-edit of an entry never edited; ages saturate here
 
 ERR_BUDGET = 1  # an append would pass w_max; WC unchanged (run the allocator first)
 ERR_NO_ROOM = 2  # the allocator found no legal collapse to make room (config error)
@@ -112,7 +113,7 @@ class WorkingContext:
     node_E: jax.Array  # int32, node index at its level
     cost_E: jax.Array  # int32, 0 for padding
     valid_E: jax.Array  # bool
-    age_E: jax.Array  # int32, refocus steps since last edit (AGE_MAX = never edited)
+    age_E: jax.Array  # int32, refocus steps since last edit (NEVER_EDITED = never edited)
     num_entries: jax.Array  # int32 []
     num_tokens: jax.Array  # int32 [], the cursor
     error: jax.Array  # int32 [], sticky ERR_* bits
@@ -210,7 +211,7 @@ def build_recency(num_tokens, cfg: WCConfig, budget=None) -> WorkingContext:
     level = jnp.asarray(run_level, jnp.int32)[run]
     node = jnp.stack(run_start).astype(jnp.int32)[run] + offset
     valid = i < ends[-1]
-    age = jnp.full((E,), AGE_MAX, jnp.int32)
+    age = jnp.full((E,), NEVER_EDITED, jnp.int32)
     return _make(level, node, valid, age, T, jnp.where(fits, 0, ERR_HISTORY), K)
 
 
@@ -231,7 +232,7 @@ def append(wc: WorkingContext, n, cfg: WCConfig) -> WorkingContext:
     level = jnp.where(new_open, 0, wc.level_E)
     node = jnp.where(new_open, t1 // K, wc.node_E)
     valid = wc.valid_E | new_open
-    age = jnp.where(new_open, AGE_MAX, wc.age_E)
+    age = jnp.where(new_open, NEVER_EDITED, wc.age_E)
     return _make(level, node, valid, age, t1, wc.error | jnp.where(ok, 0, ERR_BUDGET), K)
 
 
@@ -423,29 +424,14 @@ def check_wc(wc: WorkingContext, cfg: WCConfig | None = None) -> WorkingContext:
     return wc
 
 
-# ----------------------------------------------------------------------------- materialise
 
-@flax.struct.dataclass
-class EntryData:
-    """What each entry needs from the tree: paged in from device or host memory."""
-
-    tokens_ExK: jax.Array  # int32; a LOD0 entry's block ids (zeros elsewhere)
-    vec_ExD: jax.Array  # a gist's vector; a complete LOD0 block's LOD1 gist; zeros otherwise
-
-
-@flax.struct.dataclass
-class Materialised:
-    x_WxD: jax.Array  # base-model input embeddings; zeros in invalid slots
-    pos_W: jax.Array  # int32 positions (compact or global mode); 0 in invalid slots
-    sigma_W: jax.Array  # float32 Gaussian-RoPE sigma: span width (tokens) for gists, 0 for LOD0
-    valid_W: jax.Array  # bool
-    slot_entry_W: jax.Array  # int32 entry of each slot, -1 when invalid
-    entry_first_slot_E: jax.Array  # int32 first slot of each entry (= total cost when empty)
-    level_E: jax.Array  # int32 per-entry metadata for LensNet ...
-    span_E: jax.Array  # int32 tokens covered (the open block: its length)
-    dist_E: jax.Array  # int32 cursor block - entry's last block (open block 0)
-    age_E: jax.Array  # int32 steps since last edit
-    valid_E: jax.Array  # bool
+def level_entry_starts(level_N: jax.Array, K: int, depth: int) -> jax.Array:
+    """The per-block layout of a WC (training's: level_N[b] = level of the entry covering block
+    b, -1 if uncovered): True at the first block of every entry, the block that carries it."""
+    b = jnp.arange(level_N.shape[0])
+    group = jnp.asarray([K ** (max(l, 1) - 1) for l in range(depth + 1)])  # blocks per node
+    g_N = group[jnp.clip(level_N, 0, depth)]
+    return (level_N >= 0) & (b % g_N == 0)
 
 
 def entry_spans(wc: WorkingContext, cfg: WCConfig):
@@ -455,81 +441,6 @@ def entry_spans(wc: WorkingContext, cfg: WCConfig):
     start = wc.node_E * unit
     span = jnp.where(wc.level_E > 0, unit, wc.cost_E)
     return start, span
-
-
-def gather_entries(wc: WorkingContext, tree, cfg: WCConfig) -> EntryData:
-    """Device gather of each entry's tokens / vector from a device `mc_jax.core.tree.Tree`.
-
-    Cost is E_max * (K + depth * D), independent of the tree's capacity.
-    """
-    K = cfg.block_size
-    tok = tree.tokens_T
-    is_tok = wc.valid_E & (wc.level_E == 0)
-    # rows an entry does not need read index 0, so memory traffic is only what the WC shows
-    idx_ExK = jnp.where(is_tok, wc.node_E, 0)[:, None] * K + jnp.arange(K)[None, :]
-    tokens = jnp.where(is_tok[:, None], tok[jnp.clip(idx_ExK, 0, tok.shape[0] - 1)], 0)
-    complete_block = is_tok & (wc.node_E < wc.num_tokens // K)
-    view_level = jnp.where(wc.level_E == 0, 1, wc.level_E)
-    vec = jnp.zeros((cfg.max_entries, tree.gists[0].shape[1]), tree.gists[0].dtype)
-    for l in range(1, cfg.depth + 1):
-        rows = tree.gists[l - 1]
-        use = wc.valid_E & (view_level == l) & ((wc.level_E > 0) | complete_block)
-        got = rows[jnp.clip(jnp.where(use, wc.node_E, 0), 0, rows.shape[0] - 1)]
-        vec = jnp.where(use[:, None], got, vec)
-    return EntryData(tokens_ExK=tokens.astype(jnp.int32), vec_ExD=vec)
-
-
-def lens_inputs(wc: WorkingContext, tree, cfg: WCConfig) -> jax.Array:
-    """[E, D] the vector LensNet sees per entry: a gist's own vector, a LOD0 block's LOD1
-    gist (zeros for the open block, which has none yet, and for padding)."""
-    return gather_entries(wc, tree, cfg).vec_ExD
-
-
-def materialise(wc: WorkingContext, entries: EntryData, embed_fn: Callable, cfg: WCConfig,
-                mode: str = "compact") -> Materialised:
-    """Base-model input for the WC: embeddings, positions, sigma, masks and metadata.
-
-    compact: positions 0..len-1 in WC order. global: absolute token index for LOD0 slots, and
-    first token + span // 2 (the centre, rounded up) for gists.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    K, W = cfg.block_size, cfg.w_max
-    cum_E = jnp.cumsum(wc.cost_E)
-    first_E = cum_E - wc.cost_E
-    s = jnp.arange(W, dtype=jnp.int32)
-    valid_W = s < cum_E[-1]
-    ent_W = jnp.clip(jnp.searchsorted(cum_E, s, side="right"), 0, cfg.max_entries - 1)
-    ent_W = ent_W.astype(jnp.int32)
-    off_W = s - first_E[ent_W]
-    lvl_W = wc.level_E[ent_W]
-    is_tok = valid_W & (lvl_W == 0)
-    ids_W = jnp.where(is_tok, entries.tokens_ExK[ent_W, jnp.clip(off_W, 0, K - 1)], 0)
-    tok_x = embed_fn(ids_W)
-    gist_x = entries.vec_ExD[ent_W].astype(tok_x.dtype)
-    x = jnp.where(is_tok[:, None], tok_x, gist_x)
-    x = jnp.where(valid_W[:, None], x, 0)
-    start_E, span_E = entry_spans(wc, cfg)
-    if mode == "compact":
-        pos = s
-    else:
-        pos = jnp.where(lvl_W == 0, start_E[ent_W] + off_W, start_E[ent_W] + span_E[ent_W] // 2)
-    pos = jnp.where(valid_W, pos, 0).astype(jnp.int32)
-    sigma = jnp.where(valid_W & (lvl_W > 0), span_E[ent_W], 0).astype(jnp.float32)
-    last_block = jnp.where(wc.level_E == 0, wc.node_E,
-                           (start_E + span_E - 1) // K)
-    dist = jnp.where(wc.valid_E, wc.num_tokens // K - last_block, 0)
-    return Materialised(
-        x_WxD=x, pos_W=pos, sigma_W=sigma, valid_W=valid_W,
-        slot_entry_W=jnp.where(valid_W, ent_W, -1),
-        entry_first_slot_E=first_E.astype(jnp.int32),
-        level_E=wc.level_E, span_E=jnp.where(wc.valid_E, span_E, 0).astype(jnp.int32),
-        dist_E=dist.astype(jnp.int32), age_E=wc.age_E, valid_E=wc.valid_E)
-
-
-def materialise_tree(wc, tree, embed_fn, cfg: WCConfig, mode: str = "compact"):
-    """materialise(wc, gather_entries(wc, tree, cfg), ...) for a device tree."""
-    return materialise(wc, gather_entries(wc, tree, cfg), embed_fn, cfg, mode)
 
 
 def to_host_entries(wc: WorkingContext) -> list[tuple[int, int, int, int]]:

@@ -35,6 +35,7 @@ from mc_jax.data.corpus import (DATASET_NAME, DEFAULT_MIN_DOC_TOKENS, DEFAULT_VA
                            TokenizerLike, TokenizerMismatchError, check_tokenizer,
                            corpus_documents, make_config, register_tokenizer,
                            tokenizer_identity)
+from mc_jax.base import loading
 from mc_jax.errors import ConfigError, MissingResourceError
 
 __all__ = [
@@ -74,12 +75,11 @@ def prepare_data(data_dir: str | os.PathLike | None = None,
                  bible_cmd: str | None = None, progress: bool = True) -> PreparedData:
     """Tokenises the corpora into `data_dir` as `mc_jax_corpus/<config>/<version>`; idempotent.
 
-    `tokenizer` defaults to `mc_jax.base.tokenizer.load_tokenizer()`. A missing corpus raises
+    `tokenizer` defaults to `mc_jax.base.loading.load_tokenizer()`. A missing corpus raises
     MissingResourceError naming the Debian package; stdlib always works.
     """
     if tokenizer is None:
-        from mc_jax.base.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer()
+        tokenizer = loading.load_tokenizer()
     config = make_config(tokenizer, sources=sources, min_doc_tokens=min_doc_tokens,
                          validation_percent=validation_percent, stdlib_dir=stdlib_dir,
                          pydoc_dir=pydoc_dir, bible_cmd=bible_cmd)
@@ -140,9 +140,8 @@ def add_prepare_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_prepare_data(args: argparse.Namespace) -> int:
     """Runs `prepare-data` from parsed arguments; prints where the data is and its statistics."""
-    from mc_jax.base.tokenizer import load_tokenizer
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    prepared = prepare_data(args.data_dir, load_tokenizer(args.base), sources=sources,
+    prepared = prepare_data(args.data_dir, loading.load_tokenizer(args.base), sources=sources,
                             min_doc_tokens=args.min_doc_tokens,
                             validation_percent=args.validation_percent,
                             stdlib_dir=args.stdlib_dir, pydoc_dir=args.pydoc_dir,

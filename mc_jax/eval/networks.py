@@ -1,4 +1,6 @@
-"""`mc-jax eval-gists` and `mc-jax eval-lens`: do the trained networks do their jobs?
+"""Do the trained networks do their jobs? What `mc-jax eval-gists` and `mc-jax eval-lens` measure
+(the commands and their printed summaries: `mc_jax.cli.eval`; the sweep evaluators `gist_dnll` and
+`lens_rank` call `eval_gists` / `eval_lens`).
 
 eval-gists: delta-NLL@H of one-block substitution per level on held-out windows. The reference
 WC is the raw recent window before the cursor (all LOD0); one node is replaced by its gist from
@@ -6,7 +8,7 @@ WC is the raw recent window before the cursor (all LOD0); one node is replaced b
 (c) an untrained GistNet of the same config, and (d) nothing at all (the node is dropped: what a
 truncating model would lose). LOD1: blocks 4, 10, 13 and 14 of a 512-token window (block 15 is the
 newest, adjacent to the horizon; nearer blocks matter more); LOD2: the
-first 1024 tokens of a 1088-token window (32 blocks -> one gist). delta = NLL(substituted) -
+first 1024 tokens of a 1088-token window (K = 32 blocks -> one gist). delta = NLL(substituted) -
 NLL(raw), mean over the H horizon tokens, nats/token. Lower is better; the design target is
 <= 0.1 at LOD1.
 
@@ -22,9 +24,7 @@ Letters: S substitutions, P packed length, D d_model.
 from __future__ import annotations
 
 import functools
-import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +32,21 @@ import numpy as np
 from flax import nnx
 
 from mc_jax.base import base_model as bm
-from mc_jax.training import windows as twc
+from mc_jax.base import loading
+from mc_jax.core.working_context import COLLAPSE, EXPAND
+from mc_jax.data import pipeline as data
+from mc_jax.errors import ConfigError
+from mc_jax.eval.policies.registry import K
 from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
-from mc_jax.stats import bootstrap_spearman, bootstrap_spearman_diff, spearman, within_window
 from mc_jax.nets.io import default_checkpoint, load_networks
+from mc_jax.stats import bootstrap_spearman, bootstrap_spearman_diff, spearman, within_window
+from mc_jax.training import lens_fit
+from mc_jax.training import windows as twc
+from mc_jax.training.forward import packed_logits
 
 
 def _validation_windows(tokenizer, window_len: int, n: int, seed: int, data_dir=None):
-    from mc_jax.data import pipeline as data
-
+    """`n` windows of `window_len` tokens from the prepared corpus's validation split."""
     src = data.open_split("validation", tokenizer, data_dir=data_dir)
     it = data.make_batch_iterator(src, data.WindowConfig(window_len, 1, seed=seed))
     return [np.asarray(next(it)["tokens"])[0] for _ in range(n)]
@@ -57,16 +63,15 @@ def _gist_variants(gist_trained, seed=0):
 def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: list[int],
                      horizon: int, drop: bool = False, adapter="auto",
                      gists_from=None) -> np.ndarray:
-    """Horizon NLL with each listed node (level 1: a block; level 2: 32 blocks starting at it)
+    """Horizon NLL with each listed node (level 1: a block; level 2: K blocks starting at it)
     replaced by its gist (or dropped). ids_T: history (a whole number of blocks) + horizon.
     adapter: the gist reader ("auto": gist_model.reader_adapter() when it has one).
     gists_from: another history of the same length whose gists are used instead (a content
     control: a gist of different text in the same place)."""
-    K = 32
     C = len(ids_T) - horizon
     N = C // K
     pc = twc.PackConfig(seq_blocks=N, budget=C, horizon=horizon, depth=max(level, 1),
-                        protect_blocks=1, edit_headroom=False)
+                        protect_blocks=1, edit_headroom=False, block_size=K)
     emb = bm.embed_tokens(base, jnp.asarray(ids_T[:C])).reshape(N, K, -1).astype(jnp.float32)
     hor = jnp.asarray(ids_T[C:])
     hor_emb = bm.embed_tokens(base, hor).astype(jnp.float32)
@@ -106,8 +111,6 @@ def substitution_nll(base, base_cfg, gist_model, ids_T, *, level: int, blocks: l
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
 def _packed_nll(base, base_cfg, x, pos, valid, targets, W, adapter=None, adapt=None):
-    from mc_jax.training.train import packed_logits
-
     logits = packed_logits(base, base_cfg, x, pos, valid, W, targets.shape[1],
                            adapter=adapter, adapt_BxP=adapt)
     return bm.token_nll(logits, targets).mean(-1)
@@ -124,15 +127,14 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
                data_dir=None, progress=True) -> dict:
     from tqdm import tqdm
 
-    from mc_jax.base.loading import load_base
-
-    model = load_base(base)
+    model = loading.load_base(base)
     gist, _, info = load_networks(checkpoint or default_checkpoint(), model.cfg)
     variants = _gist_variants(gist)
     fns = {k: jax.jit(lambda lv, x, g=g: g(lv, x), static_argnums=0) for k, g in variants.items()}
     rows = {f"lod{lv}_{k}": [] for lv in (1, 2) for k in list(variants) + ["drop"]}
     w1 = _validation_windows(model.tokenizer, lod1_window + horizon, n_docs, seed, data_dir)
-    w2 = _validation_windows(model.tokenizer, 1088 + horizon, n_docs, seed + 1, data_dir)
+    lod2_window = K * K + 2 * K  # 1088: K blocks -> one LOD2 gist, then two raw blocks
+    w2 = _validation_windows(model.tokenizer, lod2_window + horizon, n_docs, seed + 1, data_dir)
     readers = {k: g.reader_adapter() for k, g in variants.items()}
     rows.update({f"lod{lv}_shuffled": [] for lv in (1, 2)})
     for i, (ids1, ids2) in enumerate(tqdm(list(zip(w1, w2)), desc="eval-gists",
@@ -172,7 +174,8 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
             out[f"lod{lv}_gistnet_minus_{k}"] = float(d.mean())
             out[f"lod{lv}_gistnet_minus_{k}_sem"] = float(d.std(ddof=1) / np.sqrt(len(d)))
     nb = len(lod1_blocks)
-    for k in list(variants) + ["drop", "shuffled"]:  # LOD1 per block (rows are doc-major, block-minor)
+    # LOD1 per block (rows are doc-major, block-minor)
+    for k in list(variants) + ["drop", "shuffled"]:
         per = np.asarray(rows[f"lod1_{k}"]).reshape(-1, nb).mean(0)
         out[f"lod1_{k}_per_block"] = {int(b): float(v) for b, v in zip(lod1_blocks, per)}
     out.update(n_docs=n_docs, horizon=horizon, checkpoint=str(checkpoint or default_checkpoint()),
@@ -184,9 +187,6 @@ def eval_gists(checkpoint=None, *, base=None, n_docs: int = 6, horizon: int = 64
 def _comparison_lensnets(model, m, gist_state, compare, n_wc: int, n_edits: int) -> list:
     """[(checkpoint, jitted scorer, LensNet state)] of exports whose GistNet is the one measured
     with (same parameters, same packing), so their LensNets can score the same edits."""
-    from mc_jax.training import lens_fit
-    from mc_jax.errors import ConfigError
-
     fp, out = lens_fit.gist_fingerprint(gist_state), []
     for ck in compare:
         m_c, gs_c, ls_c, _ = lens_fit.load_models(model, ck, n_wc, n_edits)
@@ -208,10 +208,7 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
     so later analyses (pooling window sets, other statistics) need no remeasuring."""
     from tqdm import tqdm
 
-    from mc_jax.training import lens_fit
-    from mc_jax.base.loading import load_base
-
-    model = load_base(base)
+    model = loading.load_base(base)
     m, gist_state, lens_state, info = lens_fit.load_models(
         model, checkpoint or default_checkpoint(), n_wc, n_edits)
     others = _comparison_lensnets(model, m, gist_state, compare, n_wc, n_edits)
@@ -257,8 +254,8 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
            "n_windows": len(windows),
            "spearman_mean_per_wc": float(np.nanmean(per_wc)),
            "n_edits_evaluated": int(len(us)), "n_wc": len(per_wc),
-           "spearman_expand": spearman(us[kinds_all == 0], ds[kinds_all == 0]),
-           "spearman_collapse": spearman(us[kinds_all == 1], ds[kinds_all == 1]),
+           "spearman_expand": spearman(us[kinds_all == EXPAND], ds[kinds_all == EXPAND]),
+           "spearman_collapse": spearman(us[kinds_all == COLLAPSE], ds[kinds_all == COLLAPSE]),
            "mean_d": float(ds.mean()), "checkpoint": str(checkpoint or default_checkpoint()),
            "trained_steps": info.get("steps"),
            # what the allocator uses: the order of edits inside one window (it never compares
@@ -282,55 +279,3 @@ def eval_lens(checkpoint=None, *, base=None, n_docs: int = 6, n_edits: int = 8, 
                  "diff_vs_checkpoint": res["spearman"] - rho,
                  "diff_ci95_windows": bootstrap_spearman_diff(us, uc, ds, win, seed=seed)})
     return res
-
-
-def eval_gists_cli(args) -> int:
-    res = eval_gists(args.checkpoint, base=args.base, n_docs=args.docs, seed=args.seed,
-                     data_dir=args.data_dir)
-    print("delta-NLL@H of one-node substitution (nats/token, lower is better):")
-    for lv in (1, 2):
-        print(f"  LOD{lv}: " + "  ".join(
-            f"{k}={res[f'lod{lv}_{k}']:+.4f}±{res[f'lod{lv}_{k}_sem']:.4f}"
-            for k in ("gistnet", "meanpool", "untrained", "drop", "shuffled")))
-    for lv in (1, 2):
-        print(f"  LOD{lv} paired, gistnet minus: " + "  ".join(
-            f"{k} {res[f'lod{lv}_gistnet_minus_{k}']:+.4f}±"
-            f"{res[f'lod{lv}_gistnet_minus_{k}_sem']:.4f}"
-            for k in ("meanpool", "untrained", "drop", "shuffled")))
-    print("  (shuffled: the trained GistNet's gists of other text in the same places; gistnet "
-          "below it means the gists carry their block's content)")
-    print("  LOD1 per block (block: gistnet / drop): " + "  ".join(
-        f"{b}: {v:+.3f} / {res['lod1_drop_per_block'][b]:+.3f}"
-        for b, v in res["lod1_gistnet_per_block"].items()))
-    print(f"  design target at LOD1: <= {res['target_lod1']}")
-    if args.json:
-        print(json.dumps(res))
-    return 0
-
-
-def eval_lens_cli(args) -> int:
-    res = eval_lens(args.checkpoint, base=args.base, n_docs=args.docs, n_edits=args.edits,
-                    seed=args.seed, data_dir=args.data_dir, compare=args.compare or (),
-                    save_edits=args.save_edits)
-    lo, hi = res["spearman_ci95"]
-    wlo, whi = res["spearman_ci95_windows"]
-    print(f"Spearman(LensNet score, measured single-edit utility) = {res['spearman']:+.3f} "
-          f"[bootstrap 95% over edits {lo:+.3f}, {hi:+.3f}; over windows {wlo:+.3f}, "
-          f"{whi:+.3f}] over {res['n_edits_evaluated']} edits in {res['n_windows']} windows "
-          f"(mean per WC {res['spearman_mean_per_wc']:+.3f}; "
-          f"expand {res['spearman_expand']:+.3f}, collapse {res['spearman_collapse']:+.3f})")
-    wlo2, whi2 = res["within_window_ci95_windows"]
-    print(f"  within windows (u, d minus window means): {res['spearman_within_window']:+.3f} "
-          f"[over windows {wlo2:+.3f}, {whi2:+.3f}]")
-    rlo, rhi = res["lens_minus_recency_ci95_windows"]
-    print(f"  recency heuristic (score = block index): {res['spearman_recency_heuristic']:+.3f}; "
-          f"LensNet - heuristic {res['spearman'] - res['spearman_recency_heuristic']:+.3f} "
-          f"[paired, over windows {rlo:+.3f}, {rhi:+.3f}]")
-    for c in res.get("compare", []):
-        (clo, chi), (dlo, dhi) = c["spearman_ci95_windows"], c["diff_ci95_windows"]
-        print(f"  vs {c['checkpoint']}: its Spearman {c['spearman']:+.3f} [over windows "
-              f"{clo:+.3f}, {chi:+.3f}]; this - that {c['diff_vs_checkpoint']:+.3f} "
-              f"[paired, over windows {dlo:+.3f}, {dhi:+.3f}]")
-    if args.json:
-        print(json.dumps(res))
-    return 0

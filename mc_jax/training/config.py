@@ -1,7 +1,9 @@
 """Training configuration: one frozen dataclass, named presets, `--set key=value` overrides.
 
 `--config NAME|FILE[:VARIANT]`: NAME is a preset below (tiny, cpu_small, gpu_poc); FILE is a Python
-file defining `get_config(variant: str | None) -> TrainConfig` (big_vision style).
+file defining `get_config(variant: str | None) -> TrainConfig` (big_vision style); it may return
+a subclass that adds fields and loss terms (`TrainConfig.gist_terms`), as
+experiments/gist_capacity/gist_objective.py does.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import dataclasses
 import importlib.util
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from mc_jax.errors import ConfigError
+from mc_jax.training.windows import PackConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +28,9 @@ class TrainConfig:
     # data: "synthetic" (deterministic random documents, for tests) or "corpus" (mc-jax prepare-data)
     data: str = "synthetic"
     data_dir: str | None = None
-    seq_len: int = 1088              # C history tokens (multiple of 32; 34 blocks: one LOD2 node)
+    # K tokens per LOD0 block: fixed (the packing's, the shipped networks' and the runtime's)
+    block_size: ClassVar[int] = PackConfig.block_size
+    seq_len: int = 1088              # C history tokens (multiple of K; 34 blocks: one LOD2 node)
     horizon: int = 16                # H
     budget: int = 128                # W (C2): WC budget in slots
     depth: int = 2
@@ -70,28 +76,6 @@ class TrainConfig:
     contrastive_weight: float = 0.05
     contrastive_margin: float = 0.5
     kl_weight: float = 0.0           # KL to the full-context teacher (one extra forward of C + H)
-    # variance floor on LOD1 gists across the blocks of a sequence (VICReg-style): keeps GistNet
-    # from collapsing to one harmless constant vector, which the cosine hinge cannot undo
-    gist_var_weight: float = 0.0
-    gist_var_target: float = 0.5     # target per-channel std, as a fraction of the embedding RMS
-    # content kept in the gists themselves (no base forward): InfoNCE between each LOD1 gist and
-    # its block's mean token embedding among the sequence's blocks (`train.gist_info_nce`).
-    # Horizon losses alone drift GistNet towards content-free placeholders
-    # (experiments/gist_capacity/README.md)
-    gist_info_weight: float = 0.0
-    gist_info_temp: float = 0.1
-    # autoencoding through the frozen base (`train.gist_recon_nll`): recon_blocks blocks per
-    # sequence are laid out as [last recon_prefix tokens of the block before][gist][the block]
-    # and the base's NLL of the block's tokens is added with recon_weight. Meant as a loss with
-    # no placeholder optimum; measured on CPU it too taught mostly a content-free gain
-    # (experiments/gist_capacity/README.md, fifth session). The same rows with
-    # another block's gist give `recon_minus_wrong` (content telemetry) and a hinge
-    # relu(recon_margin - (NLL(wrong) - NLL(right))) weighted by recon_content_weight
-    recon_weight: float = 0.0
-    recon_blocks: int = 8
-    recon_prefix: int = 8
-    recon_content_weight: float = 0.0
-    recon_margin: float = 0.1
     lens_weight: float = 1.0
     utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
     edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale
@@ -110,29 +94,21 @@ class TrainConfig:
     name: str = "tiny"
 
     def __post_init__(self):
-        if self.seq_len % 32:
-            raise ConfigError(f"seq_len={self.seq_len} must be a multiple of the block size 32")
+        if self.seq_len % self.block_size:
+            raise ConfigError(f"seq_len={self.seq_len} must be a multiple of the block size "
+                              f"{self.block_size}")
         if self.phase not in ("gist", "lens", "joint"):
             raise ConfigError(f"phase must be gist, lens or joint, got {self.phase!r}")
         if self.n_subst < 0:
             raise ConfigError(f"n_subst must be >= 0, got {self.n_subst}")
-        if self.n_subst and self.budget // 32 <= self.protect_blocks:
+        if self.n_subst and self.budget // self.block_size <= self.protect_blocks:
             raise ConfigError("n_subst > 0 needs an unprotected LOD0 block in the recent window "
-                              f"(budget {self.budget} holds {self.budget // 32} blocks, "
-                              f"{self.protect_blocks} protected)")
+                              f"(budget {self.budget} holds {self.budget // self.block_size} "
+                              f"blocks, {self.protect_blocks} protected)")
         if self.subst_recent < 0:
             raise ConfigError(f"subst_recent must be >= 0, got {self.subst_recent}")
         if self.content_weight > 0 and not self.n_subst:
             raise ConfigError("content_weight > 0 needs substitution windows (n_subst > 0)")
-        if self.recon_weight > 0:
-            if not 2 <= self.recon_blocks < self.seq_len // 32:
-                raise ConfigError(f"recon_blocks must be in [2, {self.seq_len // 32 - 1}] (blocks "
-                                  f"after the first of seq_len {self.seq_len}), got "
-                                  f"{self.recon_blocks}")
-            if not 1 <= self.recon_prefix <= 32:
-                raise ConfigError(f"recon_prefix must be in [1, 32], got {self.recon_prefix}")
-        if self.recon_content_weight > 0 and not self.recon_weight > 0:
-            raise ConfigError("recon_content_weight > 0 needs recon_weight > 0")
         if self.gist_reader_rank < 0:
             raise ConfigError(f"gist_reader_rank must be >= 0, got {self.gist_reader_rank}")
         if self.n_wc < 2:
@@ -145,6 +121,21 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from a stored dict (a run's config.json, a networks.json train_config),
+        ignoring keys this class does not know: fields an experiment's config subclass adds
+        (experiments/gist_capacity/gist_objective.py), or fields since removed."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def gist_terms(self) -> tuple:
+        """Extra GistNet loss terms: the hook for an experiment's objective. Each term is
+        `term(ctx: objective.SequenceContext) -> (loss or None, metrics dict)`, evaluated per
+        sequence in the gist/joint phase; a loss is added to the GistNet loss, None means
+        telemetry only. None here; an experiment's config subclass returns its own."""
+        return ()
 
 
 PRESETS = {
@@ -194,7 +185,7 @@ def _coerce(field: dataclasses.Field, value: str):
 
 
 def apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}  # an experiment subclass's too
     kw = {}
     for s in sets or []:
         if "=" not in s:

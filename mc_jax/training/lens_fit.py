@@ -4,20 +4,21 @@ Why a second way to train LensNet: a utility label costs one forward of the froz
 [WC || H] with one edit applied, while fitting LensNet on it costs microseconds. The joint train
 step (`mc-jax train`, phase lens/joint) sees each label once (cpu_small: 4 labels per ~16 s step,
 600 labels in a 150-step run). Here the labels are measured once, in resumable shards, and LensNet
-is fitted for many epochs with the train step's own loss (`train.lens_loss_measured`: regression,
-ranking, regularised argmin, budget, legality, delta-NLL head). GistNet is not changed.
+is fitted for many epochs with the train step's own loss (`lens_losses.lens_loss_measured`:
+regression, ranking, regularised argmin, budget, legality, delta-NLL head). GistNet is not changed.
 
     mc-jax fit-lens [--checkpoint DIR] --workdir runs/lens_fit --windows 64 --export OUT
 
 1. collect: training-split windows of C + H tokens (a fresh iterator per shard, seeded by the shard
    index, so a killed run resumes at the first missing shard and draws the same windows); per
-   window M legal mixtures (`training_wc.sample_mixture`) and E legal single edits each
-   (`training_wc.sample_edits`), all measured with the frozen base (`train.measure_edits`). A shard
-   is an .npz written to a temp name and renamed.
+   window M legal mixtures (`windows.sample_mixture`) and E legal single edits each
+   (`windows.sample_edits`), all measured with the frozen base (`lens_losses.measure_edits`). A
+   shard is an .npz written to a temp name and renamed.
 2. fit: AdamW (warmup + cosine) over minibatches of windows; the last `--val-frac` of the windows
    are held out and their Spearman(u, d) is logged (metrics.jsonl).
-3. export: GistNet from --checkpoint unchanged + the fitted LensNet (`train.export_networks`), with
-   the label-set and fit figures in the metadata.
+3. export: GistNet from --checkpoint unchanged + the fitted LensNet
+   (`checkpoints.export_networks`), with the label-set and fit figures in the metadata
+   (`mc_jax.cli.train.fit_lens_cli` runs the three).
 
 Letters: M mixtures per window, E edits per mixture, N blocks, D d_model, B windows per batch.
 """
@@ -34,48 +35,58 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from mc_jax.base import base_model as bm
-from mc_jax.training import train
-from mc_jax.training import windows as twc
+from mc_jax.core.working_context import COLLAPSE, EXPAND
+from mc_jax.data import pipeline as data
 from mc_jax.errors import McJaxError
 from mc_jax.nets.gistnet import as_gist_fn
+from mc_jax.nets.io import load_networks
 from mc_jax.nets.lensnet import LensNet
-from mc_jax.nets.io import default_checkpoint, load_networks
+from mc_jax.stats import spearman
+from mc_jax.training import windows as twc
+from mc_jax.training.checkpoints import export_networks
+from mc_jax.training.config import TrainConfig
+from mc_jax.training.forward import build_gists, horizon_nll
+from mc_jax.training.lens_losses import (edit_scores, lens_loss_measured, lens_scores,
+                                         measure_edits, utility_targets)
+from mc_jax.training.models import Models, build_models
+from mc_jax.training.step import TrainState
 
 
 def load_models(model, checkpoint, n_mix: int, n_edits: int):
     """(Models for n_mix mixtures x n_edits edits per window, GistNet state, LensNet state, info)
-    from an exported checkpoint (also used by `eval.networks.eval_lens`)."""
-    from mc_jax.training.config import TrainConfig
-
+    from an exported checkpoint (also used by `eval.networks.eval_lens`). The stored
+    train_config's fields TrainConfig does not know (an experiment's) are ignored."""
     gist, lens, info = load_networks(checkpoint, model.cfg)
-    tcfg = TrainConfig(**info["train_config"])
+    tcfg = TrainConfig.from_dict(info["train_config"])
     # the runtime never edits its newest block (DecodeConfig.protected_blocks >= 1), so LensNet
     # labels never do either, even when GistNet was trained with protect_blocks = 0
     tcfg = tcfg.replace(n_wc=n_mix + 1, n_edits=n_edits, base="default",
                         protect_blocks=max(tcfg.protect_blocks, 1))
-    m, _, _ = train.build_models(tcfg, model.cfg, model.params, model.tokenizer)
+    m, _, _ = build_models(tcfg, model.cfg, model.params, model.tokenizer)
     gist_graph, gist_state = nnx.split(gist)
     lens_graph, lens_state = nnx.split(lens)
-    m = train.Models(**{**m.__dict__, "gist_graph": gist_graph, "lens_graph": lens_graph})
+    m = Models(**{**m.__dict__, "gist_graph": gist_graph, "lens_graph": lens_graph})
     return m, gist_state, lens_state, info
 
 
-def _export(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
+def export_fit(path: Path, m, gist_state, lens_state, info: dict, fit_meta: dict):
     """GistNet unchanged + the fitted LensNet; the metadata keeps the GistNet run's own
-    train_config (its training is what it describes) and adds `lens_fit`."""
-    from mc_jax.training.config import TrainConfig
-
+    train_config (its training is what it describes: TrainConfig's fields filled in, an
+    experiment's fields kept) and adds `lens_fit`."""
     meta = {k: v for k, v in info.items()
             if k not in ("train_config", "gist_config", "lens_config", "dtype")}
     meta["lens_fit"] = fit_meta
-    m_orig = train.Models(**{**m.__dict__, "cfg": TrainConfig(**info["train_config"])})
-    train.export_networks(path, m_orig, train.TrainState(
-        step=jnp.int32(0), gist=gist_state, lens=lens_state, opt=None, key=None), meta)
+    stored = info["train_config"]
+    tc = {**stored, **json.loads(TrainConfig.from_dict(stored).to_json())}
+    export_networks(path, m, TrainState(step=jnp.int32(0), gist=gist_state, lens=lens_state,
+                                        opt=None, key=None), meta,
+                    train_config=dict(sorted(tc.items())))
 
 
-def measure_fn(model, m: train.Models, gist_state):
+def measure_fn(model, m: Models, gist_state):
     """Jitted (tokens [C + H], key) -> one window's labels: M mixtures, their horizon NLL, E
     measured single edits each, and the gists (also used by `eval.networks.eval_lens`)."""
     pc, M = m.pack, m.cfg.n_wc - 1
@@ -87,16 +98,15 @@ def measure_fn(model, m: train.Models, gist_state):
         emb = bm.embed_tokens(model.params, ids).reshape(N, K, -1).astype(jnp.float32)
         hor_emb = bm.embed_tokens(model.params, targets).astype(jnp.float32)
         gist_model = nnx.merge(m.gist_graph, gist_state)
-        gists = train.build_gists(as_gist_fn(gist_model), emb, pc.depth)
+        gists = build_gists(as_gist_fn(gist_model), emb, pc.depth, K)
         adapter = gist_model.reader_adapter()
         k1, k2 = jax.random.split(key)
         levels = jax.vmap(lambda k: twc.sample_mixture(k, pc))(jax.random.split(k1, M))
         x, pos, sig, valid, mask = twc.pack_many(levels, emb, gists, hor_emb, pc)
-        nll = train.horizon_nll(model.params, m, x, pos, sig, valid,
-                                jnp.broadcast_to(targets, (M, H)), adapter=adapter,
-                                adapt_BxP=mask)
-        blocks, kinds, evalid, nll_e = train.measure_edits(model.params, levels, gists, emb,
-                                                           hor_emb, targets, k2, m, adapter)
+        nll = horizon_nll(model.params, m, x, pos, sig, valid,
+                          jnp.broadcast_to(targets, (M, H)), adapter=adapter, adapt_BxP=mask)
+        blocks, kinds, evalid, nll_e = measure_edits(model.params, levels, gists, emb, hor_emb,
+                                                     targets, k2, m, adapter)
         out = dict(levels=levels, nll=nll, blocks=blocks, kinds=kinds, evalid=evalid,
                    nll_e=nll_e)
         out.update({f"gist{lv + 1}": g for lv, g in enumerate(gists)})
@@ -155,8 +165,6 @@ def check_manifest(workdir: Path, manifest: dict, log=print) -> None:
 def shard_windows(src, pc: twc.PackConfig, seed: int, j: int):
     """The iterator of C + H token windows behind label shard j: seeded by the shard index, so
     a resumed run (or a probe re-reading the shard's text) draws the same windows."""
-    from mc_jax.data import pipeline as data
-
     return data.make_batch_iterator(src, data.WindowConfig(pc.seq_len + pc.horizon, 1,
                                                            seed=seed * 100_003 + j))
 
@@ -166,15 +174,12 @@ def collect(model, m, gist_state, workdir: Path, n_windows: int, *, shard: int =
             base_id: str = "") -> list[Path]:
     """Measure labels for n_windows training windows into workdir/labels_XXXX.npz (resumable;
     shards measured with another GistNet or other settings are refused, see check_manifest)."""
-    from tqdm import tqdm
-
-    from mc_jax.data import pipeline as data
-
     pc = m.pack
     check_manifest(workdir, dict(
         gist_sha256=gist_fingerprint(gist_state), base=base_id, seq_len=pc.seq_len,
         horizon=pc.horizon, mixtures=m.cfg.n_wc - 1, edits=m.cfg.n_edits, shard=shard,
-        seed=seed, data_dir=None if data_dir is None else str(data_dir)), log=log)
+        seed=seed, data_dir=None if data_dir is None else str(data_dir),
+        edit_kinds=dict(expand=EXPAND, collapse=COLLAPSE)), log=log)
     one = measure_fn(model, m, gist_state)
     src = data.open_split("train", model.tokenizer, data_dir=data_dir)
     n_shards = -(-n_windows // shard)
@@ -216,30 +221,26 @@ def _gists(w, m) -> tuple:
 
 
 def _window_outputs(lens_state, w, m):
-    return train.lens_loss_measured(lens_state, w["levels"], w["nll"], w["nll_e"], w["blocks"],
-                                    w["kinds"], w["evalid"], _gists(w, m), m)
+    return lens_loss_measured(lens_state, w["levels"], w["nll"], w["nll_e"], w["blocks"],
+                              w["kinds"], w["evalid"], _gists(w, m), m)
 
 
 def edit_scores_of(lens_state, w, m):
     """(u of each edit's entry [M, E], d [M, E]) for one window of labels."""
-    out, f = train.lens_scores(lens_state, w["levels"], _gists(w, m), m)
-    u_e = train.edit_scores(out.u, f["mask"], w["levels"], w["blocks"], w["kinds"], m.pack)
-    d, _ = train.utility_targets(w["nll"], w["nll_e"], w["kinds"], m.cfg)
+    out, f = lens_scores(lens_state, w["levels"], _gists(w, m), m)
+    u_e = edit_scores(out.u, f.mask_xE, w["levels"], w["blocks"], w["kinds"], m.pack)
+    d, _ = utility_targets(w["nll"], w["nll_e"], w["kinds"], m.cfg)
     return u_e, d
 
 
 def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, seed: int,
         workdir: Path, progress: bool = True):
     """Fit a fresh LensNet on the labels. -> (Models with its graph, lens_state, summary)."""
-    from tqdm import tqdm
-
-    from mc_jax.stats import spearman
-
     n = len(labels["nll"])
     n_val = max(1, int(round(n * val_frac))) if n > 1 else 0
     train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
     lens_graph, lens_state = nnx.split(LensNet(m.lens_cfg, rngs=nnx.Rngs(seed + 1)))
-    m = train.Models(**{**m.__dict__, "lens_graph": lens_graph})
+    m = Models(**{**m.__dict__, "lens_graph": lens_graph})
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2),
                                                end_value=lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
@@ -292,29 +293,3 @@ def fit(m, labels: dict, *, steps: int, batch: int, lr: float, val_frac: float, 
                    val_spearman_first=first["val_spearman"],
                    val_spearman_last=last["val_spearman"], fit_seconds=time.perf_counter() - t0)
     return m, lens_state, summary
-
-
-def fit_lens_cli(args) -> int:
-    from mc_jax.base.loading import load_base
-
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.checkpoint or default_checkpoint())
-    model = load_base(args.base)
-    m, gist_state, _, info = load_models(model, ckpt, args.mixtures, args.edits)
-    paths = collect(model, m, gist_state, workdir, args.windows, shard=args.shard,
-                    seed=args.seed, data_dir=args.data_dir, progress=not args.no_progress,
-                    log=log, base_id=str(info.get("base", "")))
-    labels = load_labels(paths)
-    m, lens_state, summary = fit(m, labels, steps=args.steps, batch=args.batch, lr=args.lr,
-                                 val_frac=args.val_frac, seed=args.seed, workdir=workdir,
-                                 progress=not args.no_progress)
-    summary.update(checkpoint=str(ckpt), workdir=str(workdir))
-    if args.export:
-        _export(Path(args.export), m, gist_state, lens_state, info,
-                dict(summary, mixtures=args.mixtures, edits=args.edits, seed=args.seed,
-                     command="mc-jax " + " ".join(sys.argv[1:])))
-        summary["exported"] = str(args.export)
-    print(json.dumps(summary))
-    return 0

@@ -22,12 +22,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mc_jax.core import working_context as wcm
+from mc_jax.core.working_context import COLLAPSE, EXPAND
 from mc_jax.errors import ConfigError
 
 NOT_COVERED = -1
-# edit kinds (a slate entry is a block index + a kind)
-EXPAND = 0    # a gist opens: LOD1 -> LOD0 block, or level l -> its K children at level l-1
-COLLAPSE = 1  # a LOD0 block -> its LOD1 gist, or K sibling level-l gists -> their parent
+# A slate entry is a block index + an edit kind, the core's `EXPAND` (a gist opens: LOD1 -> LOD0
+# block, or level l -> its K children) or `COLLAPSE` (a LOD0 block -> its LOD1 gist, or K sibling
+# level-l gists -> their parent).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +92,7 @@ class PackConfig:
 
 def entry_starts(level_N: jax.Array, cfg: PackConfig) -> jax.Array:
     """True at the first block of every entry (the block that carries the entry's slot)."""
-    b = jnp.arange(cfg.seq_blocks)
-    group = jnp.asarray([cfg.top_group_blocks(max(int(l), 1)) for l in range(cfg.depth + 1)])
-    g_N = group[jnp.clip(level_N, 0, cfg.depth)]
-    return (level_N >= 0) & (b % g_N == 0)
+    return wcm.level_entry_starts(level_N, cfg.block_size, cfg.depth)
 
 
 def entry_cost(level_N: jax.Array, cfg: PackConfig) -> jax.Array:
@@ -239,7 +238,7 @@ def sample_edits(key, level_N, n_edits: int, cfg: PackConfig):
     g = jax.random.gumbel(key, legal_2N.shape)
     score = jnp.where(legal_2N, g, -jnp.inf)
     top, idx = jax.lax.top_k(score, n_edits)
-    kinds = (idx >= cfg.seq_blocks).astype(jnp.int32)
+    kinds = jnp.where(idx >= cfg.seq_blocks, COLLAPSE, EXPAND).astype(jnp.int32)
     blocks = idx % cfg.seq_blocks
     return blocks, kinds, jnp.isfinite(top)
 
@@ -284,7 +283,8 @@ def pack(level_N: jax.Array, tok_emb_NxKxD: jax.Array, gists: tuple, horizon_emb
         srcs.append(gists[lv - 1].astype(tok_emb_NxKxD.dtype))
         slots.append(jnp.where(here, first_slot_N[safe], dump))
         span = g * K
-        poss.append((node_first_block * K + (span - 1) / 2.0).astype(jnp.float32))
+        # the runtime's gist position (`working_context.materialise`): first token + span // 2
+        poss.append((node_first_block * K + span // 2).astype(jnp.float32))
         sigmas.append(jnp.full((n_nodes,), float(span)))
     src = jnp.concatenate(srcs)
     slot = jnp.concatenate(slots)
@@ -324,30 +324,3 @@ def pack_many(levels_BxN: jax.Array, tok_emb_NxKxD, gists: tuple, horizon_emb_Hx
     return x, pos, sig, valid, jax.vmap(lambda lv: gist_slots(lv, cfg))(levels_BxN)
 
 
-def entry_features(level_N: jax.Array, gists: tuple, cfg: PackConfig):
-    """LensNet inputs per block-slot (an entry lives on its first block).
-
-    Returns vec_NxD (a gist's own vector; a LOD0 block's LOD1 gist), mask_N, level_N, span_N
-    (tokens), distance_N (blocks from the entry's end to the cursor), and tail gists
-    [1 + 5, D] (newest top-level gist + 5 newest LOD1 gists) with their mask.
-    """
-    N = cfg.seq_blocks
-    b = jnp.arange(N)
-    start = entry_starts(level_N, cfg)
-    vec = gists[0][:N]
-    for lv in range(2, cfg.depth + 1):
-        g = cfg.top_group_blocks(lv)
-        node_vec = gists[lv - 1][jnp.clip(b // g, 0, gists[lv - 1].shape[0] - 1)]
-        vec = jnp.where((level_N == lv)[:, None], node_vec, vec)
-    span_blocks = jnp.asarray([1] + [cfg.top_group_blocks(l) for l in range(1, cfg.depth + 1)])[
-        jnp.clip(level_N, 0, cfg.depth)]
-    span = span_blocks * cfg.block_size
-    distance = N - (b + span_blocks)
-    top = gists[cfg.depth - 1]
-    n_top = N // cfg.top_group_blocks(cfg.depth)
-    tail_top = top[jnp.clip(n_top - 1, 0, top.shape[0] - 1)][None]
-    lod1_idx = N - 1 - jnp.arange(5)
-    tail = jnp.concatenate([tail_top, gists[0][jnp.clip(lod1_idx, 0, N - 1)]], axis=0)
-    tail_mask = jnp.concatenate([jnp.array([n_top > 0]), lod1_idx >= 0])
-    return dict(vec=vec, mask=start, level=jnp.maximum(level_N, 0), span=span,
-                distance=distance, tail=tail, tail_mask=tail_mask)

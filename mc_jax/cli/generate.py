@@ -1,0 +1,168 @@
+"""`mc-jax generate --input` and `mc-jax score`: the MegaContext runtime from the command line
+(a long history ingested into a `Session`, then sampled from or teacher-force scored)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from mc_jax.base import loading
+from mc_jax.base.perplexity import read_text
+from mc_jax.base.sampling import stop_ids, stream_text
+from mc_jax.errors import InputError
+from mc_jax.nets.io import load_nets
+from mc_jax.runtime.session import Session
+from mc_jax.runtime.telemetry import FocusPrinter, time_networks
+
+
+def _networks_for_cli(args, model, log):
+    """(GistNet, LensNet or None, info, policy): the policy falls back to recency without a
+    LensNet."""
+    policy = getattr(args, "policy", "lens") or "lens"
+    need = policy == "lens" and args.checkpoint is not None
+    gist, lens, info = load_nets(model, args.checkpoint, need_trained=need,
+                                 log=log)
+    if lens is None and policy == "lens":
+        policy = "recency"
+    return gist, lens, info, policy
+
+
+def _session_for_cli(args, model, nets, n_tokens: int, log):
+    gist, lens, info, policy = nets
+    tc = info.get("train_config", {})
+    kv_mode = getattr(args, "kv_mode", None) or "exact"
+    pos_mode = (getattr(args, "position_mode", None)
+                or ("global" if kv_mode == "approx" else tc.get("position_mode", "compact")))
+    s = Session(model, args.budget or 1024, gist, lens, policy=policy,
+                capacity_tokens=n_tokens, position_mode=pos_mode,
+                rope_damping=bool(tc.get("rope_damping", False)), kv_mode=kv_mode)
+    log(f"[mc-jax] policy {policy}, budget {s.cfg.budget}, depth {s.cfg.depth}, tree capacity "
+        f"{s.cfg.capacity_tokens} tokens, positions {pos_mode}, KV {kv_mode}, networks: "
+        f"{info.get('checkpoint') or 'mean-pool'}")
+    return s
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, mininterval=1.0)
+        return bar.update, bar.close
+    except ImportError:
+        return (lambda n: None), (lambda: None)
+
+
+def generate_cli(args) -> int:
+    """mc-jax generate --input FILE [--question Q] [--budget W] [--show-focus] ..."""
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    if args.input:
+        text = read_text(args.input)
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise InputError("give --input FILE (a long history) or --prompt TEXT")
+    if args.question:
+        text = text.rstrip() + f"\n\nQuestion: {args.question}\nAnswer:"
+    if not text.strip():
+        raise InputError("the prompt is empty")
+    model = loading.load_base(args.base, dtype=args.dtype)
+    ids = np.asarray(model.tokenizer.encode(text), np.int32)
+    if len(ids) == 0:
+        raise InputError("the input tokenises to nothing")
+    n_new = int(args.max_new_tokens)
+    nets = _networks_for_cli(args, model, log)
+    s = _session_for_cli(args, model, nets, len(ids) + n_new + 64, log)
+    fp = FocusPrinter(s, args.show_focus, args.telemetry)
+    if args.telemetry:
+        fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
+    K = s.cfg.block_size
+    n_full = (len(ids) // K) * K
+    t0 = time.perf_counter()
+    update, close = _progress(n_full, "ingest")
+    s.ingest(ids[:n_full], on_block=fp, progress=update)
+    close()
+    t_ingest = time.perf_counter() - t0
+    log(f"[mc-jax] ingested {n_full} tokens in {t_ingest:.1f}s "
+        f"({n_full / max(t_ingest, 1e-9):.0f} tok/s, includes compile)")
+    tail = ids[n_full:]
+    stops = stop_ids(model)
+
+    def tokens():
+        given, produced = tail, 0
+        while produced < n_new:
+            info = s.step(given, n_given=len(given), teacher=False,
+                          temperature=args.temperature, top_p=args.top_p)
+            fp(info, phase="generate")
+            new = np.asarray(info.tokens_K)[len(given):].tolist()
+            given = np.zeros((0,), np.int32)
+            for t in new:
+                if t in stops or produced >= n_new:
+                    return
+                produced += 1
+                yield t
+
+    t1 = time.perf_counter()
+    if not args.show_focus:
+        sys.stdout.write(text[-200:] if args.input else text)
+    out = stream_text(model.tokenizer, tokens(), lambda x: (sys.stdout.write(x),
+                                                             sys.stdout.flush()))
+    sys.stdout.write("\n")
+    t_gen = time.perf_counter() - t1
+    summ = fp.summary()
+    fp.close()
+    log(f"[mc-jax] summary: history {len(s.ids)} tokens, WC budget used "
+        f"{int(s.state.wc.total_cost())}/{s.cfg.budget} (mean {summ['budget_used_mean']:.0f}), "
+        f"{summ['actions_per_block']:.2f} actions/block over {summ['blocks']} blocks, "
+        f"{t_ingest / max(n_full // K, 1) * 1e3:.0f} ms/block ingest, "
+        f"{t_gen / max(-(-(len(out) + len(tail)) // K), 1):.2f} s/block generate "
+        f"({len(out)} tokens)")
+    return 0
+
+
+def score_cli(args) -> int:
+    """mc-jax score --input FILE: teacher-forced streaming NLL under MegaContext."""
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    text = read_text(args.input)
+    model = loading.load_base(args.base, dtype=args.dtype)
+    ids = np.asarray(model.tokenizer.encode(text), np.int32)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    nets = _networks_for_cli(args, model, log)
+    K = nets[0].config.block_size
+    n = len(ids) // K * K
+    if n < 2 * K:
+        raise InputError(f"{args.input}: {len(ids)} tokens; scoring needs at least {2 * K}")
+    ids = ids[:n]
+    s = _session_for_cli(args, model, nets, n + 64, log)
+    fp = FocusPrinter(s, False, args.telemetry)
+    if args.telemetry:
+        fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
+    nlls = []
+    update, close = _progress(n, "score")
+    for b in range(n // K):
+        info = s.step(ids[b * K:(b + 1) * K], teacher=True)
+        fp(info, phase="score")
+        update(K)
+        if b >= 1:
+            nll = float(np.mean(info.nll_K))
+            nlls.append(np.asarray(info.nll_K))
+            if not args.json:
+                print(f"block {b}: nll {nll:.4f} ppl {math.exp(nll):.3f} "
+                      f"WC {int(info.cost)}/{s.cfg.budget}")
+    close()
+    fp.close()
+    mean = float(np.mean(np.concatenate(nlls)))
+    summ = fp.summary()
+    res = dict(tokens=int(n), scored=int(len(nlls) * K), nll=mean, perplexity=math.exp(mean),
+               policy=s.cfg.policy, budget=s.cfg.budget, blocks=int(n // K),
+               actions_per_block=summ["actions_per_block"],
+               seconds_per_block=summ["seconds_per_block"], input=str(args.input),
+               position_mode=s.cfg.position_mode, kv_mode=s.cfg.kv_mode,
+               kv_recompute_slots_per_block=float(s.state.total_recompute) / max(n // K, 1))
+    print(f"tokens {n}  perplexity {res['perplexity']:.4f}  policy {res['policy']}  "
+          f"budget {res['budget']}", file=sys.stderr)
+    print(json.dumps(res))
+    return 0

@@ -1,0 +1,51 @@
+"""What every context policy is (`Policy`), what it may raise (`NotApplicable`, `Unavailable`),
+and the scored blocks of the streaming protocol (`check_blocks`). Below every policy module, so
+the policy modules and the registry import it and not each other.
+
+Shape letters: N document tokens, K block size.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from mc_jax.core.working_context import WCConfig
+from mc_jax.errors import InputError
+
+K = WCConfig.block_size  # the runtime's block size: every policy scores the same K-token blocks
+
+
+class NotApplicable(Exception):
+    """The policy cannot run this case (e.g. full context longer than the base model's context)."""
+
+
+class Unavailable(Exception):
+    """The policy's implementation (or its trained networks) does not exist yet."""
+
+
+class Policy(Protocol):
+    name: str
+    budget: int
+
+    def nll_stream(self, ids_N: np.ndarray, blocks: Sequence[int] | None = None) -> np.ndarray:
+        ...
+
+    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+        ...
+
+
+def default_blocks(n_tokens: int, K: int = K) -> list[int]:
+    return list(range(1, n_tokens // K))
+
+
+def check_blocks(ids_N: np.ndarray, blocks, K: int = K) -> list[int]:
+    """The blocks to score (default: every complete block from 1); InputError for a block
+    without a block of history before it or without all K of its tokens."""
+    blocks = default_blocks(len(ids_N), K) if blocks is None else [int(b) for b in blocks]
+    bad = [b for b in blocks if b < 1 or (b + 1) * K > len(ids_N)]
+    if bad:
+        raise InputError(f"blocks {bad[:5]} cannot be scored in a document of {len(ids_N)} tokens: "
+                         f"a scored block needs >= 1 block of history and all {K} of its tokens")
+    return blocks
