@@ -15,7 +15,27 @@ pick_python() {
   echo "run.sh: Python 3.11 is needed (python3.11 or python3 on PATH)" >&2; exit 1
 }
 
+system_packages() {
+  # Offline corpora: the training data and two data tests read python3.11-doc and bible-kjv.
+  local missing=()
+  [ -d /usr/share/doc/python3.11/html/_sources ] || missing+=(python3.11-doc)
+  command -v bible >/dev/null 2>&1 || missing+=(bible-kjv)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "run.sh: installing ${missing[*]} with apt-get ..." >&2
+    apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; } \
+      || echo "run.sh: apt-get could not install ${missing[*]}; the corpus goes without them" \
+              "and two tests in tests/test_data.py skip" >&2
+  else
+    echo "run.sh: ${missing[*]} missing and not installable here (needs root and apt-get);" \
+         "run: sudo apt-get install ${missing[*]}. Until then the corpus goes without them and" \
+         "two tests in tests/test_data.py skip" >&2
+  fi
+}
+
 setup() {
+  system_packages
   if [ ! -x .venv/bin/python ]; then
     "$(pick_python)" -m venv .venv
   fi
