@@ -6,6 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
+from mc_jax.base import base_model as bm
+from mc_jax.base import loading
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255 (for the tiny random base of smoke sweeps)."""
@@ -39,15 +44,9 @@ class TinyBase:
 def build_base(base, dtype: str | None = None, base_kw: dict | None = None):
     """`"tiny"`: random `LlamaConfig.tiny` with a byte tokenizer; otherwise `loading.load_base`."""
     if base == "tiny":
-        import jax
-
-        from mc_jax.base import base_model as bm
-
         kw = dict(vocab_size=256)
         kw.update(base_kw or {})
         seed = kw.pop("seed", 0)
         cfg = bm.LlamaConfig.tiny(**kw)
         return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(seed)), ByteTokenizer())
-    from mc_jax.base.loading import load_base
-
-    return load_base(base, dtype=dtype)
+    return loading.load_base(base, dtype=dtype)
