@@ -46,7 +46,7 @@ from flax import nnx
 
 from mc_jax.base import base_model as bm
 from mc_jax.base import sampling
-from mc_jax.core import tree as tm
+from mc_jax.core import tree as tr
 from mc_jax.core import working_context as wcm
 from mc_jax.nets.gistnet import GistNetConfig, build_gist_model
 from mc_jax.nets.lensnet import LensNet, LensNetConfig
@@ -149,7 +149,7 @@ def fill(session: Session, n_tokens: int, seed: int):
     @jax.jit
     def add(tree, ids_NxK):  # compiles once for N = 1024 and once for N = 1
         gist_fn = lambda lv, c: nnx.merge(rt.gist_graph, nets["gist"])(lv, c)
-        return tm.append_blocks(tree, ids_NxK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
+        return tr.append_blocks(tree, ids_NxK, rt.tcfg, lambda i: bm.embed_tokens(params, i),
                                 gist_fn)
 
     session.reset()
@@ -164,7 +164,7 @@ def fill(session: Session, n_tokens: int, seed: int):
             for j in range(n):
                 tree = add(tree, ids[j:j + 1])
         done += n
-    tm.check_tree(tree, rt.tcfg)
+    tr.check_tree(tree, rt.tcfg)
     wc = wcm.build_recency(n_blocks * K, rt.cfg.wcfg, budget=rt.cfg.budget - K)
     session.state = session.state.replace(tree=tree, wc=wc)
     session.ids = [0] * (n_blocks * K)

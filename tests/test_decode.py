@@ -16,7 +16,7 @@ from flax import nnx
 
 from mc_jax.base import base_model as bm
 from mc_jax.core import focus as fm
-from mc_jax.core import tree as tm
+from mc_jax.core import tree as tr
 from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError, InputError, MissingResourceError
@@ -84,7 +84,7 @@ def _reference(session, ids, n_ingest, n_teacher, n_greedy):
 
     @jax.jit
     def ingest(tree, wc, block_ids):
-        tree = tm.append_tokens(tree, block_ids, rt.tcfg, embed, gist_fn)
+        tree = tr.append_tokens(tree, block_ids, rt.tcfg, embed, gist_fn)
         wc = wcm.append(wc, K, wcfg)
         u, _ = lens_scores(rt, nets, st.replace(tree=tree, wc=wc))
         return tree, fm.allocate(wc, u, wcfg, rt.cfg.focus, incoming=K)[0]
@@ -140,7 +140,7 @@ def test_jit_step_matches_reference(session):
     assert got_toks == [list(map(int, t)) for t in toks]
     np.testing.assert_allclose(np.stack(got_nll), np.asarray(nll[:n_teacher]), atol=2e-3)
     assert wcm.to_host_entries(session.state.wc) == wcm.to_host_entries(wc)
-    np.testing.assert_array_equal(tm.token_ids(session.state.tree), tm.token_ids(tree))
+    np.testing.assert_array_equal(tr.token_ids(session.state.tree), tr.token_ids(tree))
     for a, b in zip(session.state.tree.gists, tree.gists):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 

@@ -10,14 +10,14 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from mc_jax.core import lens_features as lf
-from mc_jax.core import tree as tm
+from mc_jax.core import tree as tr
 from mc_jax.core import materialise as mat
 from mc_jax.core import working_context as wcm
 from mc_jax.training import windows as twc
 
 K, DEPTH, N, D, H, W, N_TAIL = 4, 2, 24, 8, 3, 40, 6
 WCFG = wcm.WCConfig(w_max=W, depth=DEPTH, block_size=K, protected_blocks=1)
-TCFG = tm.TreeConfig(d=D, capacity_blocks=N + 2, depth=DEPTH, block_size=K)
+TCFG = tr.TreeConfig(d=D, capacity_blocks=N + 2, depth=DEPTH, block_size=K)
 EMB_VxD = jax.random.normal(jax.random.PRNGKey(0), (50, D))
 MIX_LxDxD = jax.random.normal(jax.random.PRNGKey(1), (DEPTH, D, D)) / np.sqrt(D)
 
@@ -33,7 +33,7 @@ def gist_fn(level, children_NxKxD):  # a different map per level, so levels cann
 @functools.lru_cache(maxsize=None)
 def history(seed: int):
     ids = jax.random.randint(jax.random.PRNGKey(seed), (N * K,), 0, 50)
-    return ids, tm.build_tree(ids, TCFG, embed, gist_fn)
+    return ids, tr.build_tree(ids, TCFG, embed, gist_fn)
 
 
 KINDS_2E = jnp.repeat(jnp.array([wcm.EXPAND, wcm.COLLAPSE]), WCFG.max_entries)

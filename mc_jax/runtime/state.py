@@ -22,7 +22,7 @@ from flax import nnx
 
 from mc_jax.base import base_model as bm
 from mc_jax.core import focus as fm
-from mc_jax.core import tree as tm
+from mc_jax.core import tree as tr
 from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError
 
@@ -110,8 +110,8 @@ class Runtime:
         return h
 
     @property
-    def tcfg(self) -> tm.TreeConfig:
-        return tm.TreeConfig(d=self.base_cfg.d_model, capacity_blocks=self.cfg.capacity_blocks,
+    def tcfg(self) -> tr.TreeConfig:
+        return tr.TreeConfig(d=self.base_cfg.d_model, capacity_blocks=self.cfg.capacity_blocks,
                              depth=self.cfg.depth, block_size=self.cfg.block_size,
                              dtype=self.gist_dtype)
 
@@ -158,7 +158,7 @@ def with_reader(base_params, gist_model):
 
 @flax.struct.dataclass
 class DecodeState:
-    tree: tm.Tree
+    tree: tr.Tree
     wc: wcm.WorkingContext
     cache: bm.KVCache  # [L, 1, S, G, F]
     cache_key_S: jax.Array  # int32 content key of each cached slot (-1: nothing)
@@ -178,7 +178,7 @@ def init_state(rt: Runtime, seed: int = 0) -> DecodeState:
     latents = (jnp.zeros(rt.lens_latent_shape, jnp.float32) if rt.lens_incremental
                else jnp.zeros((0,), jnp.float32))
     return DecodeState(
-        tree=tm.init_tree(rt.tcfg),
+        tree=tr.init_tree(rt.tcfg),
         wc=wcm.build_recency(0, wcfg),
         cache=bm.init_cache(rt.base_cfg, 1, S, rt.cache_dtype),
         cache_key_S=jnp.full((S,), -1, jnp.int32),
@@ -193,7 +193,7 @@ def init_state(rt: Runtime, seed: int = 0) -> DecodeState:
 
 def check_state(state: DecodeState, rt: Runtime) -> DecodeState:
     """Host side: raise the tree's / WC's sticky errors (mc_jax.errors types)."""
-    tm.check_tree(state.tree, rt.tcfg)
+    tr.check_tree(state.tree, rt.tcfg)
     wcm.check_wc(state.wc, rt.cfg.wcfg)
     return state
 

@@ -32,7 +32,7 @@ from flax import nnx
 from mc_jax.base import base_model as bm
 from mc_jax.base.sampling import sample_token
 from mc_jax.core import focus as fm
-from mc_jax.core import tree as tm
+from mc_jax.core import tree as tr
 from mc_jax.core import lens_features as lf
 from mc_jax.core import working_context as wcm
 from mc_jax.runtime import kv_sync
@@ -86,7 +86,7 @@ def ingest_and_refocus(rt: Runtime, params, nets, state: DecodeState, toks_K):
     """Append the finished block to the tree and the WC, then refocus. -> (state, log parts)."""
     cfg, wcfg, K = rt.cfg, rt.cfg.wcfg, rt.cfg.block_size
     gist_fn = lambda level, c: nnx.merge(rt.gist_graph, nets["gist"])(level, c)
-    tree = tm.append_tokens(state.tree, toks_K, rt.tcfg, kv_sync.embed_fn(params), gist_fn)
+    tree = tr.append_tokens(state.tree, toks_K, rt.tcfg, kv_sync.embed_fn(params), gist_fn)
     wc = wcm.append(state.wc, K, wcfg)
     state = state.replace(tree=tree, wc=wc)
     if cfg.policy == "lens":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mc_jax.errors import ConfigError
-from mc_jax.eval import networks as en
+from mc_jax.eval import networks as eval_networks
 from mc_jax.eval.context import Context
 from mc_jax.eval.policies import registry as pol
 from mc_jax.nets.io import default_checkpoint
@@ -36,6 +36,6 @@ def run_eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
                               "export_networks directory)")
     key = (fn_name, str(ckpt), tuple(sorted(kw.items())))
     if key not in ctx.network_evals:
-        ctx.network_evals[key] = getattr(en, fn_name)(str(ckpt), base=ctx.cfg.get("base"),
+        ctx.network_evals[key] = getattr(eval_networks, fn_name)(str(ckpt), base=ctx.cfg.get("base"),
                                                       progress=False, **kw)
     return ctx.network_evals[key]
