@@ -36,6 +36,7 @@ def run_eval_networks(ctx: Context, fn_name: str, **kw) -> dict:
                               "export_networks directory)")
     key = (fn_name, str(ckpt), tuple(sorted(kw.items())))
     if key not in ctx.network_evals:
-        ctx.network_evals[key] = getattr(eval_networks, fn_name)(str(ckpt), base=ctx.cfg.get("base"),
-                                                      progress=False, **kw)
+        evaluate = getattr(eval_networks, fn_name)
+        ctx.network_evals[key] = evaluate(str(ckpt), base=ctx.cfg.get("base"), progress=False,
+                                          **kw)
     return ctx.network_evals[key]
