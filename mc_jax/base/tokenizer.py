@@ -67,9 +67,15 @@ def tokenizer_from_gguf_fields(fields: dict) -> tokenizers.Tokenizer:
     if model != "gpt2":
         raise CorruptFileError(
             f"GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2')")
-    tokens = list(fields["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
-    types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    try:
+        tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]
+        merges = [tuple(str(m).split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+        types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    except (KeyError, TypeError) as e:
+        raise CorruptFileError(f"GGUF tokenizer metadata is missing or malformed ({e!r}); "
+                               "the file is damaged or was exported without a tokenizer") from e
+    if any(len(m) != 2 for m in merges):
+        raise CorruptFileError("GGUF tokenizer metadata: a merge is not two tokens")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = fields.get("tokenizer.ggml.pre", "default")

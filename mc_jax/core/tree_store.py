@@ -14,12 +14,14 @@ is a 64-byte header followed by a row-major payload that numpy can memory-map:
     36     8     rows in use (uint64)
     44     8     rows allocated (uint64; >= rows in use, so a host tree can grow in place)
     52     4     CRC32 of the payload rows in use (uint32)
-    56     4     CRC32 of header bytes [0, 56) (uint32)
-    60     4     zero
+    56     4     CRC32 of header bytes [0, 56) and [60, 64) (uint32; version 1: [0, 56))
+    60     4     depth of the tree the file belongs to (uint32; 0 for a WC file; version 1: 0)
 
-Loading checks magic, version, header checksum, file length, level, block size, width and
-dtype against each other and against a config, then the payload checksum; anything wrong raises
-`CorruptFileError` naming the file and the problem.
+Loading checks magic, version, header checksum, file length (exact), level, block size, width
+and dtype against each other and against a config, that the level files are exactly levels
+0..depth (the depth every header records; version-1 files, which do not record it, must be
+contiguous), then the payload checksum; anything wrong raises `CorruptFileError` naming the
+file and the problem.
 
 `HostTree` keeps every level as a numpy memmap, so a history far beyond device memory lives on
 disk/host RAM, and `HostTree.gather(wc, wcfg)` pages in only what the WC shows: the K token ids
@@ -42,8 +44,9 @@ from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, CorruptFileError
 
 MAGIC = b"MCJXTREE"
-VERSION = 1
-HEADER = struct.Struct("<8sIiII12sQQII4x")
+VERSION = 2
+READS = (1, 2)  # version 1: no depth field (bytes 60..64 are zero, outside the header CRC)
+HEADER = struct.Struct("<8sIiII12sQQIII")
 assert HEADER.size == 64
 WC_LEVEL = -1
 _CHUNK = 1 << 24
@@ -61,19 +64,24 @@ def _crc(arr: np.ndarray) -> int:
     return crc
 
 
-def _pack_header(level, K, width, dtype, rows, alloc, crc) -> bytes:
+def _header_crc(raw: bytes, version: int) -> int:
+    return zlib.crc32(raw[:56] + (raw[60:64] if version >= 2 else b""))
+
+
+def _pack_header(level, K, width, dtype, rows, alloc, crc, depth) -> bytes:
     name = np.dtype(dtype).name.encode()
-    body = HEADER.pack(MAGIC, VERSION, level, K, width, name, rows, alloc, crc, 0)
-    return body[:56] + struct.pack("<I", zlib.crc32(body[:56])) + body[60:]
+    body = HEADER.pack(MAGIC, VERSION, level, K, width, name, rows, alloc, crc, 0, depth)
+    return body[:56] + struct.pack("<I", _header_crc(body, VERSION)) + body[60:]
 
 
-def _write(path: Path, level, K, arr_NxW: np.ndarray, alloc: int | None = None) -> None:
+def _write(path: Path, level, K, arr_NxW: np.ndarray, depth: int,
+           alloc: int | None = None) -> None:
     """Write a level file atomically (temp file + rename)."""
     rows, width = arr_NxW.shape
     alloc = rows if alloc is None else alloc
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        f.write(_pack_header(level, K, width, arr_NxW.dtype, rows, alloc, _crc(arr_NxW)))
+        f.write(_pack_header(level, K, width, arr_NxW.dtype, rows, alloc, _crc(arr_NxW), depth))
         f.write(np.ascontiguousarray(arr_NxW).tobytes())
         pad = (alloc - rows) * width * arr_NxW.dtype.itemsize
         if pad:
@@ -90,25 +98,31 @@ def read_header(path) -> dict:
         raw = f.read(HEADER.size)
     if len(raw) < HEADER.size:
         raise CorruptFileError(f"{path}: truncated header ({len(raw)} of {HEADER.size} bytes)")
-    magic, version, level, K, width, name, rows, alloc, crc, _ = HEADER.unpack(raw)
+    magic, version, level, K, width, name, rows, alloc, crc, _, depth = HEADER.unpack(raw)
     if magic != MAGIC:
         raise CorruptFileError(f"{path}: not an mc_jax tree file (magic {magic!r})")
-    if version != VERSION:
-        raise CorruptFileError(f"{path}: file version {version}, this code reads version "
-                               f"{VERSION}")
-    if struct.unpack("<I", raw[56:60])[0] != zlib.crc32(raw[:56]):
+    if version not in READS:
+        raise CorruptFileError(f"{path}: file version {version}, this code reads versions "
+                               f"{', '.join(map(str, READS))}")
+    if struct.unpack("<I", raw[56:60])[0] != _header_crc(raw, version):
         raise CorruptFileError(f"{path}: header checksum mismatch (corrupt header)")
     try:
         dtype = np.dtype(jnp.dtype(name.rstrip(b"\0").decode()))
     except (TypeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{path}: unknown dtype {name!r}") from e
+    if dtype.name not in ("int32", "float32", "bfloat16", "float16"):
+        raise CorruptFileError(f"{path}: dtype {dtype.name} is not one a tree stores")
+    if K < 1 or width < 1 or level < WC_LEVEL or (version >= 2 and level > depth):
+        raise CorruptFileError(f"{path}: impossible header (level {level}, depth {depth}, "
+                               f"block size {K}, width {width})")
     if rows > alloc:
         raise CorruptFileError(f"{path}: {rows} rows in use but only {alloc} allocated")
     want = HEADER.size + alloc * width * dtype.itemsize
-    if size < want:
-        raise CorruptFileError(f"{path}: truncated: {size} bytes, header promises {want}")
+    if size != want:
+        raise CorruptFileError(f"{path}: {'truncated: ' if size < want else ''}{size} bytes, "
+                               f"the header promises {want}")
     return dict(level=level, block_size=K, width=width, dtype=dtype, rows=rows, alloc=alloc,
-                crc=crc, path=path)
+                crc=crc, path=path, depth=depth if version >= 2 else None)
 
 
 def _map(h: dict, mode="r") -> np.ndarray:
@@ -153,17 +167,48 @@ def save_tree(tree: tr.Tree, cfg: tr.TreeConfig, path) -> None:
     h = jax.device_get(tree)
     T = int(h.num_tokens)
     K = cfg.block_size
-    _write(_level_path(path, 0), 0, K, np.asarray(h.tokens_T[:T], np.int32).reshape(T, 1))
+    _write(_level_path(path, 0), 0, K, np.asarray(h.tokens_T[:T], np.int32).reshape(T, 1),
+           cfg.depth)
     for level in range(1, cfg.depth + 1):
         n = T // K ** level
-        _write(_level_path(path, level), level, K, np.asarray(h.gists[level - 1])[:n])
+        _write(_level_path(path, level), level, K, np.asarray(h.gists[level - 1])[:n], cfg.depth)
+    for f in path.glob("level*.mct"):  # the deeper levels of a tree this one replaces
+        if f.name[5:-4].isdigit() and int(f.name[5:-4]) > cfg.depth:
+            f.unlink()
 
 
-def saved_depth(path) -> int:
-    depth = 0
-    while _level_path(path, depth + 1).exists():
-        depth += 1
+def saved_depth(path, h0: dict | None = None) -> int:
+    """The saved tree's depth: the one its headers record (version 2), every level file
+    1..depth present and no other; version-1 files must be contiguous levels."""
+    path = Path(path)
+    h0 = h0 or read_header(_level_path(path, 0))
+    found = sorted(int(f.name[5:-4]) for f in path.glob("level*.mct")
+                   if f.name[5:-4].isdigit())
+    depth = h0["depth"] if h0["depth"] is not None else (found[-1] if found else 0)
+    if depth == 0:
+        raise CorruptFileError(f"{path}: no gist level files (level1.mct missing)")
+    missing = [l for l in range(1, depth + 1) if l not in found]
+    if missing:
+        raise CorruptFileError(f"{_level_path(path, missing[0])}: missing level file (the saved "
+                               f"tree has depth {depth}; it is incomplete)")
+    extra = [l for l in found if l > depth]
+    if extra:
+        raise CorruptFileError(f"{_level_path(path, extra[0])}: not part of the saved tree "
+                               f"(depth {depth}, recorded in level0.mct); it comes from another "
+                               "tree")
     return depth
+
+
+def _open_levels(path, h0, K, width, dtype=None, verify=True, mode="r"):
+    depth = saved_depth(path, h0)
+    levels = [_open_level(path, l, K=K, width=width, dtype=dtype, verify=verify, mode=mode)
+              for l in range(1, depth + 1)]
+    for h, _ in levels:
+        if h["depth"] != h0["depth"]:
+            raise CorruptFileError(f"{h['path']}: records depth {h['depth']}, level0.mct "
+                                   f"{h0['depth']}; the level files come from different trees")
+    _levels_consistent(path, h0["rows"], [h["rows"] for h, _ in levels], K)
+    return levels
 
 
 def load_tree(path, cfg: tr.TreeConfig | None = None) -> tuple[tr.Tree, tr.TreeConfig]:
@@ -176,12 +221,10 @@ def load_tree(path, cfg: tr.TreeConfig | None = None) -> tuple[tr.Tree, tr.TreeC
     h0, tok = _open_level(path, 0, K=cfg.block_size if cfg else None, width=1,
                           dtype=np.int32)
     K, T = h0["block_size"], h0["rows"]
-    depth = saved_depth(path)
+    depth = saved_depth(path, h0)
     if cfg is not None and depth != cfg.depth:
         raise CorruptFileError(f"{path}: saved tree has depth {depth}, config wants "
                                f"{cfg.depth}")
-    if depth == 0:
-        raise CorruptFileError(f"{path}: no gist level files (level1.mct missing)")
     h1 = read_header(_level_path(path, 1))
     if cfg is None:
         cfg = tr.TreeConfig(d=h1["width"], capacity_blocks=max(1, -(-T // K)), depth=depth,
@@ -190,9 +233,7 @@ def load_tree(path, cfg: tr.TreeConfig | None = None) -> tuple[tr.Tree, tr.TreeC
         raise CapacityError(f"the saved tree holds {T} tokens, more than the config's "
                             f"capacity of {cfg.capacity_tokens}; raise capacity_blocks or use "
                             "HostTree")
-    levels = [_open_level(path, l, K=K, width=cfg.d, dtype=jnp.dtype(cfg.dtype))
-              for l in range(1, depth + 1)]
-    _levels_consistent(path, T, [h["rows"] for h, _ in levels], K)
+    levels = _open_levels(path, h0, K, cfg.d, jnp.dtype(cfg.dtype))
     tree = tr.init_tree(cfg)
     tokens = np.zeros(tree.tokens_T.shape, np.int32)
     tokens[:T] = tok[:T, 0]
@@ -217,7 +258,7 @@ def save_wc(wc: wcm.WorkingContext, cfg: wcm.WCConfig, path) -> None:
     table = np.stack([h.level_E, h.node_E, h.cost_E, h.valid_E.astype(np.int32), h.age_E,
                       scal]).astype(np.int32)
     Path(path).mkdir(parents=True, exist_ok=True)
-    _write(_level_path(path, WC_LEVEL), WC_LEVEL, cfg.block_size, table)
+    _write(_level_path(path, WC_LEVEL), WC_LEVEL, cfg.block_size, table, 0)
 
 
 def load_wc(path, cfg: wcm.WCConfig) -> wcm.WorkingContext:
@@ -227,6 +268,11 @@ def load_wc(path, cfg: wcm.WCConfig) -> wcm.WorkingContext:
         raise CorruptFileError(f"{h['path']}: a WC file has 6 rows, found {h['rows']}")
     t = np.array(arr[:6])
     n, T, err, w_max, depth, prot = (int(x) for x in t[5, :6])
+    valid, level = t[3].astype(bool), t[0]
+    if not (0 <= n <= cfg.max_entries and T >= 0 and int(valid.sum()) == n
+            and np.all((level[valid] >= 0) & (level[valid] <= depth))):
+        raise CorruptFileError(f"{h['path']}: impossible WC ({n} entries, {T} tokens, "
+                               f"{int(valid.sum())} valid); the file was altered")
     if (w_max, depth, prot) != (cfg.w_max, cfg.depth, cfg.protected_blocks):
         raise CorruptFileError(f"{h['path']}: saved for w_max={w_max}, depth={depth}, "
                                f"protected_blocks={prot}; config has {cfg.w_max}, "
@@ -267,26 +313,21 @@ class HostTree:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         K = cfg.block_size
-        _write(_level_path(path, 0), 0, K, np.zeros((0, 1), np.int32),
+        _write(_level_path(path, 0), 0, K, np.zeros((0, 1), np.int32), cfg.depth,
                alloc=cfg.capacity_tokens)
         for level in range(1, cfg.depth + 1):
-            _write(_level_path(path, level), level, K,
-                   np.zeros((0, cfg.d), jnp.dtype(cfg.dtype)), alloc=cfg.level_capacity(level))
+            _write(_level_path(path, level), level, K, np.zeros((0, cfg.d), jnp.dtype(cfg.dtype)),
+                   cfg.depth, alloc=cfg.level_capacity(level))
         return cls.open(path, writable=True)
 
     @classmethod
     def open(cls, path, writable: bool = False, verify: bool = True) -> "HostTree":
         mode = "r+" if writable else "r"
         h0, tok = _open_level(path, 0, width=1, dtype=np.int32, verify=verify, mode=mode)
-        K = h0["block_size"]
-        depth = saved_depth(path)
-        if depth == 0:
-            raise CorruptFileError(f"{path}: no gist level files (level1.mct missing)")
+        saved_depth(path, h0)
         width = read_header(_level_path(path, 1))["width"]
-        levels = [_open_level(path, l, K=K, width=width, verify=verify, mode=mode)
-                  for l in range(1, depth + 1)]
-        _levels_consistent(path, h0["rows"], [h["rows"] for h, _ in levels], K)
-        return cls(path, K, tok, [a for _, a in levels], h0["rows"], writable)
+        levels = _open_levels(path, h0, h0["block_size"], width, verify=verify, mode=mode)
+        return cls(path, h0["block_size"], tok, [a for _, a in levels], h0["rows"], writable)
 
     def append(self, ids, embed_fn, gist_fn) -> None:
         """Append token ids on the host; gists of the nodes they complete are computed with
@@ -324,7 +365,7 @@ class HostTree:
         for level, arr, rows in arrays:
             arr.flush()
             header = _pack_header(level, K, arr.shape[1], arr.dtype, rows, arr.shape[0],
-                                  _crc(arr[:rows]))
+                                  _crc(arr[:rows]), self.depth)
             with open(_level_path(self.path, level), "r+b") as f:
                 f.write(header)
 
