@@ -146,7 +146,7 @@ def test_unavailable_rows_are_retried_once_the_runtime_exists(tmp_path, monkeypa
 
     calls = []
 
-    class Counting:  # a runtime policy with counters, as mc_jax.runtime.decode's have
+    class Counting:  # a runtime policy with counters, as the MegaContext policies have
         def __init__(self, inner):
             self.inner, self.n = inner, {"blocks": 5, "actions": 1}  # counts from earlier docs
 

@@ -53,8 +53,28 @@ def ids_perplexity(model, ids: np.ndarray) -> dict:
             "perplexity": float(np.exp(mean))}
 
 
+def prefix_ids(tokenizer, text: str, n: int) -> list[int]:
+    """The first `n` token ids of `text`, tokenising only a prefix of it (a 20 MB file costs what
+    its first few kB do). The character prefix doubles until it gives more than `n` tokens and a
+    prefix twice as long agrees on the first `n` (a cut can only change the tokens of the last
+    word or two before it); the whole text is tokenised when it is shorter than that."""
+    chars = max(4096, 8 * (n + 1))
+    prev = None
+    while chars < len(text):
+        ids = tokenizer.encode(text[:chars])
+        if prev is not None and len(prev) > n and prev[:n] == ids[:n]:
+            return ids[:n]
+        prev = ids if len(ids) > n else None
+        chars *= 2
+    return tokenizer.encode(text)[:n]
+
+
 def file_perplexity(model, path, max_tokens: int = 1024) -> dict:
-    ids = np.asarray(model.tokenizer.encode(read_text(path))[:max_tokens], np.int32)
+    """Perplexity of the first `max_tokens` (>= 2) tokens of a text file."""
+    if int(max_tokens) < 2:
+        raise InputError(f"max tokens {max_tokens}: perplexity needs at least 2 tokens (the first "
+                         "is context only); give --max-tokens 2 or more")
+    ids = np.asarray(prefix_ids(model.tokenizer, read_text(path), int(max_tokens)), np.int32)
     res = ids_perplexity(model, ids)
     res["file"] = str(path)
     return res

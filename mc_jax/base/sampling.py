@@ -12,6 +12,7 @@ cost a new compile; the decode step is one jitted function whose cache is donate
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, Iterator
 
@@ -20,7 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from mc_jax.base import base_model as bm
-from mc_jax.errors import CapacityError
+from mc_jax.errors import CapacityError, ConfigError, InputError
+
+
+def check_sampling(temperature: float, top_p: float, *, names=("temperature", "top_p")) -> None:
+    """Host side: temperature finite and >= 0 (0 is greedy), top_p in (0, 1]; else ConfigError
+    naming `names` (the CLI passes its flags)."""
+    t, p = float(temperature), float(top_p)
+    if not (math.isfinite(t) and t >= 0):
+        raise ConfigError(f"{names[0]} {temperature!r}: must be a finite number >= 0 "
+                          "(0 is greedy; 0.7 to 1 is usual for sampling)")
+    if not 0 < p <= 1:
+        raise ConfigError(f"{names[1]} {top_p!r}: must be in (0, 1] (the probability mass "
+                          "kept; 1 keeps every token)")
 
 
 def sample_token(logits_BxV, key, temperature, top_p):
@@ -32,8 +45,9 @@ def sample_token(logits_BxV, key, temperature, top_p):
     sorted_desc = jnp.sort(scaled, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     cum = jnp.cumsum(probs, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-    keep = (cum - probs) < top_p
+    # keep the smallest prefix whose mass reaches top_p, and always the best token (so a top_p
+    # at or near 0 is top-1 sampling, not an empty nucleus)
+    keep = ((cum - probs) < top_p) | (jnp.arange(probs.shape[-1]) == 0)
     cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
     sampled = jax.random.categorical(key, scaled, axis=-1)
@@ -105,9 +119,12 @@ def generate(params, cfg: bm.LlamaConfig, prompt_ids: list[int], *, max_new_toke
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
     """Stream new token ids for one prompt (batch 1)."""
+    if len(prompt_ids) == 0:  # before the dtype check: an empty list has dtype float64
+        raise InputError("the prompt is empty: give at least one token")
+    if int(max_new_tokens) < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_p)
     prompt = bm.check_token_ids(prompt_ids, cfg)
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty: give at least one token")
     T = bucket(len(prompt))
     size = bucket(len(prompt) + max_new_tokens)
     if size > cfg.max_seq_len:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from mc_jax.base import convert
 from mc_jax.base import loading
 from mc_jax.base.perplexity import file_perplexity
-from mc_jax.base.sampling import Timer, generate, stop_ids, stream_text
+from mc_jax.base.sampling import Timer, check_sampling, generate, stop_ids, stream_text
 from mc_jax.cli import eval as eval_cmds
 from mc_jax.cli import generate as generate_cmds
 from mc_jax.cli import train as train_cmds
 from mc_jax.data import pipeline as data
-from mc_jax.errors import McJaxError
+from mc_jax.errors import InputError, McJaxError
+from mc_jax.runtime.telemetry import check_telemetry_path
 from mc_jax.training.config import add_train_args
 
 
@@ -31,15 +34,15 @@ def cmd_convert_base(args) -> int:
     if args.base and Path(args.base).is_dir():
         print(f"{args.base} is already a Hugging Face directory; nothing to convert")
         return 0
-    src = Path(args.base) if args.base else loading.default_gguf_path()
-    out = loading.convert_gguf(src, force=args.force)
+    src = Path(args.base) if args.base else convert.default_gguf_path()
+    out = convert.convert_gguf(src, force=args.force)
     loading.resolve_base(str(src))  # validates it loads
     print(f"converted base: {src} -> {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    if args.input or args.question or args.budget:  # MegaContext runtime (long histories)
+    if args.input or args.question or args.budget is not None:  # MegaContext (long histories)
         return generate_cmds.generate_cli(args)
     if args.prompt is None:
         print("error: give --prompt TEXT (or --input FILE for a long history)", file=sys.stderr)
@@ -195,9 +198,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (command, flag dest, smallest allowed value): integer flags checked before anything loads
+_MINIMUM = [("generate", "max_new_tokens", 1), ("generate", "budget", 1), ("score", "budget", 1),
+            ("score", "max_tokens", 1), ("perplexity", "max_tokens", 2),
+            ("eval-gists", "docs", 1), ("eval-lens", "docs", 1), ("eval-lens", "edits", 1),
+            ("fit-lens", "windows", 1), ("fit-lens", "shard", 1), ("fit-lens", "mixtures", 1),
+            ("fit-lens", "edits", 1), ("fit-lens", "steps", 1), ("fit-lens", "batch", 1)]
+
+
+def check_flags(args) -> None:
+    """Every flag of the runtime, perplexity and evaluation commands checked once, before a model
+    loads: an InputError (ConfigError for sampling) that names the flag and the allowed range."""
+    for cmd, dest, lo in _MINIMUM:
+        v = getattr(args, dest, None)
+        if args.command == cmd and v is not None and v < lo:
+            raise InputError(f"--{dest.replace('_', '-')} {v}: must be >= {lo}")
+    if args.command == "generate":
+        check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))
+        if args.prompt == "" and not (args.input or args.question):
+            raise InputError("--prompt is empty; give some text to continue")
+    if args.command == "fit-lens":
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise InputError(f"--lr {args.lr}: must be a finite number > 0")
+        if not 0 < args.val_frac < 1:
+            raise InputError(f"--val-frac {args.val_frac}: must be in (0, 1) (the share of "
+                             "windows held out)")
+    telemetry = getattr(args, "telemetry", None)
+    if telemetry:
+        check_telemetry_path(telemetry)  # not opened (nor emptied) before the run starts
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         return int(args.func(args) or 0)
     except McJaxError as e:
         print(f"mc-jax: error: {e}", file=sys.stderr)

@@ -10,11 +10,12 @@ import time
 import numpy as np
 
 from mc_jax.base import loading
-from mc_jax.base.perplexity import read_text
+from mc_jax.base.perplexity import prefix_ids, read_text
 from mc_jax.base.sampling import stop_ids, stream_text
 from mc_jax.errors import InputError
 from mc_jax.nets.io import load_nets
 from mc_jax.runtime.session import Session
+from mc_jax.runtime.state import DecodeConfig
 from mc_jax.runtime.telemetry import FocusPrinter, time_networks
 
 
@@ -36,7 +37,15 @@ def _session_for_cli(args, model, nets, n_tokens: int, log):
     kv_mode = getattr(args, "kv_mode", None) or "exact"
     pos_mode = (getattr(args, "position_mode", None)
                 or ("global" if kv_mode == "approx" else tc.get("position_mode", "compact")))
-    s = Session(model, args.budget or 1024, gist, lens, policy=policy,
+    budget = 1024 if args.budget is None else int(args.budget)  # generate's default is None
+    K = gist.config.block_size
+    floor = K * (DecodeConfig.protected_blocks + 2) - 1
+    if not floor <= budget <= model.cfg.max_seq_len:
+        raise InputError(
+            f"--budget {budget}: must be between {floor} (a protected block, the open block and "
+            f"an incoming block of {K} tokens) and {model.cfg.max_seq_len} (the base model's "
+            "context)")
+    s = Session(model, budget, gist, lens, policy=policy,
                 capacity_tokens=n_tokens, position_mode=pos_mode,
                 rope_damping=bool(tc.get("rope_damping", False)), kv_mode=kv_mode)
     log(f"[mc-jax] policy {policy}, budget {s.cfg.budget}, depth {s.cfg.depth}, tree capacity "
@@ -127,9 +136,8 @@ def score_cli(args) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)
     text = read_text(args.input)
     model = loading.load_base(args.base, dtype=args.dtype)
-    ids = np.asarray(model.tokenizer.encode(text), np.int32)
-    if args.max_tokens:
-        ids = ids[:args.max_tokens]
+    ids = np.asarray(model.tokenizer.encode(text) if args.max_tokens is None
+                     else prefix_ids(model.tokenizer, text, args.max_tokens), np.int32)
     nets = _networks_for_cli(args, model, log)
     K = nets[0].config.block_size
     n = len(ids) // K * K

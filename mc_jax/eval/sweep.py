@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from mc_jax.errors import ConfigError, InputError
+from mc_jax.errors import ConfigError, CorruptFileError, InputError
 from mc_jax.eval.context import Context
 from mc_jax.eval.evaluators import EVALUATORS
 from mc_jax.eval.policies import registry as pol
@@ -41,32 +41,91 @@ RESULTS = "results.jsonl"
 TABLE = "results.md"
 
 
+# config keys whose value is a list (a string there would be iterated character by character)
+LIST_KEYS = ("evaluators", "policies", "budgets", "docs", "history_mults", "fillers", "depths",
+             "placements", "seeds", "levels")
+
+
 def load_config(spec: str) -> tuple[dict, str, str | None]:
-    """`path/to/config.py[:variant]` -> (config dict, config name, variant)."""
+    """`path/to/config.py[:variant]` -> (config dict, config name, variant), checked whole before
+    anything runs: the evaluators and policies it names exist, the lists are lists, the name is
+    one safe folder name. Any failure of the file itself is a ConfigError naming it."""
     path, _, variant = str(spec).partition(":")
     variant = variant or None
     p = Path(path)
     if not p.is_file():
         raise InputError(f"sweep config {path}: no such file (give experiments/configs/NAME.py)")
-    module_spec = importlib.util.spec_from_file_location(f"mc_jax_sweep_{p.stem}", p)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"mc_jax_sweep_{p.stem}", p)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error, a failing import: the user's file, not ours
+        raise ConfigError(f"sweep config {path} cannot be loaded: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(variant)")
     try:
         cfg = module.get_config(variant)
-    except (ValueError, KeyError) as e:  # e.g. an unknown variant
-        raise ConfigError(f"{path}: get_config({variant!r}) failed: {e}") from e
+    except Exception as e:  # e.g. an unknown variant
+        raise ConfigError(f"{path}: get_config({variant!r}) failed: {type(e).__name__}: {e}"
+                          ) from e
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: get_config({variant!r}) returned a {type(cfg).__name__}; "
+                          "it must return a dict")
     cfg = dict(cfg)
+    check_config(cfg, spec)
+    name = cfg.get("name", p.stem)
+    for what, v in (("name", name), ("variant", variant)):
+        if v is not None and not is_safe_name(v):
+            raise ConfigError(f"{spec}: the sweep {what} {v!r} is not one plain folder name (no "
+                              "'/', '\\', '..' or absolute path): it names the output folder")
+    return cfg, name, variant
+
+
+def check_config(cfg: dict, spec: str) -> None:
+    """Evaluators and policies known, list fields lists: a ConfigError before the first row."""
     if not cfg.get("evaluators"):
         raise ConfigError(f"{spec}: the config lists no evaluators")
+    _check_shape("config", cfg, spec)
+    if not isinstance(cfg["evaluators"], (list, tuple)):
+        cfg["evaluators"] = list(cfg["evaluators"])  # iterated more than once
+    for i, e in enumerate(cfg["evaluators"]):
+        _check_shape(f"evaluator {i}", e, spec)
+    known = pol.policy_names()
     for e in cfg["evaluators"]:
         if e.get("name") not in EVALUATORS:
             raise ConfigError(f"{spec}: unknown evaluator {e.get('name')!r}; known: "
                               f"{', '.join(sorted(EVALUATORS))}")
-    return cfg, cfg.get("name", p.stem), variant
+        where = f"{spec}: evaluator {e['name']!r}"
+        bad = [q for q in e.get("policies", ()) if q not in known]
+        if bad:
+            raise ConfigError(f"{where}: unknown policy {bad[0]!r}; known: {', '.join(known)}")
+        bad = [w for w in e.get("budgets", ())
+               if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1]
+        if bad:
+            raise ConfigError(f"{where}: budget {bad[0]!r} is not a positive integer")
+        for doc in list(e.get("docs", ())) + ([e["doc"]] if "doc" in e else []):
+            if not (isinstance(doc, dict) and {"name", "path", "tokens"} <= set(doc)):
+                raise ConfigError(f"{where}: document {doc!r} needs name, path and tokens "
+                                  "(dict(name=..., path=..., tokens=N[, offset=M]))")
+
+
+def _check_shape(where: str, e, spec: str) -> None:
+    """A dict whose list fields (LIST_KEYS) are lists."""
+    if not isinstance(e, dict):
+        raise ConfigError(f"{spec}: {where} is a {type(e).__name__}; give a dict "
+                          "{'name': ..., its grid}")
+    for k in LIST_KEYS:
+        if k in e and (isinstance(e[k], (str, bytes, dict)) or not hasattr(e[k], "__iter__")):
+            raise ConfigError(f"{spec}: {where}: {k!r} is a {type(e[k]).__name__}; give a list "
+                              f"(e.g. {k}=[{e[k]!r}])")
+
+
+def is_safe_name(name) -> bool:
+    """One plain path component: joined to a folder, it cannot leave it."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\0") and Path(name).name == name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,17 +137,54 @@ def row_key(item: dict) -> str:
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    """results.jsonl -> {key: last row with that key}. A torn last line (killed run) is ignored."""
-    rows: dict[str, dict] = {}
+    """results.jsonl -> {key: last row with that key}. A torn last line (a killed run) is skipped
+    with a warning (`repair_rows` cuts it off before rows are appended); any other line that is
+    not a row is a CorruptFileError naming it. Blank lines are skipped."""
     if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
+        return {}
+    rows, torn = _parse(path)
+    if torn is not None:
+        print(f"[mc-jax] warning: {path}: the last line is incomplete (a killed run?); skipped, "
+              "its item is computed again", file=sys.stderr)
+    return {row_key(r["key"]): r for r in rows}
+
+
+def _parse(path: Path) -> tuple[list[dict], int | None]:
+    """(the rows in file order, byte offset of a torn last line or None)."""
+    lines = path.read_bytes().split(b"\n")  # the last piece is b"" after a final newline
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows, pos = [], 0
+    for i, line in enumerate(lines):
+        start, pos = pos, pos + len(line) + 1
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[row_key(row["key"])] = row
-    return rows
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            if i == last:  # torn by a kill while it was written
+                return rows, start
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("key"), dict) and "status" in row):
+            raise CorruptFileError(
+                f"{path}, line {i + 1}: not a result row ({line[:60]!r}); fix or delete that "
+                "line (rows are JSON objects with 'key' and 'status'), or give another --out")
+        rows.append(row)
+    return rows, None
+
+
+def repair_rows(path: Path) -> None:
+    """Before appending: end the file just after its last complete row. A torn last line is cut
+    off (read_rows skipped it); a complete last row without its newline gets one."""
+    if not path.exists():
+        return
+    _, torn = _parse(path)
+    with open(path, "r+b") as f:
+        if torn is not None:
+            f.truncate(torn)
+        elif f.seek(0, 2) > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _flat(row: dict) -> dict:
@@ -116,16 +212,23 @@ def run_sweep(spec: str, out_dir: str | Path | None = None, *, checkpoint: str |
         cfg["base"] = base
     if dtype is not None:
         cfg["dtype"] = dtype
+    only = check_only(only, cfg, spec)
     out = Path(out_dir) if out_dir is not None else default_out_dir(name, variant)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder; give a folder (a new one, or an "
+                         "earlier sweep's to resume it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a parent that is a file
+        raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from e
     (out / "config.json").write_text(json.dumps(
         {"sweep": str(spec), "config": cfg}, indent=1, default=str))
     ctx = Context(cfg, Path(str(spec).partition(":")[0]).resolve().parent)
     done = read_rows(out / RESULTS)
-    only = set(only) if only else None
     computed = skipped = 0
     grid = {ecfg_i: EVALUATORS[ecfg["name"]].items(ecfg, ctx)
             for ecfg_i, ecfg in enumerate(cfg["evaluators"])}
+    repair_rows(out / RESULTS)  # a torn last line must not swallow the first new row
     with open(out / RESULTS, "a") as f:
         for ecfg_i, ecfg in enumerate(cfg["evaluators"]):
             ev = EVALUATORS[ecfg["name"]]
@@ -160,6 +263,23 @@ def run_sweep(spec: str, out_dir: str | Path | None = None, *, checkpoint: str |
     table, pngs = write_report(out, cfg, name, variant, spec, plots=plots, keys=keys)
     return dict(out_dir=out, computed=computed, skipped=skipped, rows=len(done), table=table,
                 plots=pngs)
+
+
+def check_only(only: Iterable[str] | None, cfg: dict, spec: str) -> set[str] | None:
+    """`--only` names: each a registered evaluator that the config lists (else no row could
+    come of it), or a ConfigError listing the ones there are."""
+    if not only:
+        return None
+    only = {str(n).strip() for n in only if str(n).strip()}
+    listed = [e["name"] for e in cfg["evaluators"]]
+    for n in sorted(only):
+        if n not in EVALUATORS:
+            raise ConfigError(f"--only {n}: unknown evaluator; known: "
+                              f"{', '.join(sorted(EVALUATORS))}")
+        if n not in listed:
+            raise ConfigError(f"--only {n}: {spec} does not list it; it lists: "
+                              f"{', '.join(dict.fromkeys(listed))}")
+    return only or None
 
 
 def _json_default(x):

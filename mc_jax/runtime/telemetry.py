@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mc_jax.errors import InputError
 from mc_jax.runtime.session import Session
 from mc_jax.runtime.step import lens_scores
 
@@ -48,6 +50,29 @@ def focus_changes(old, new, K: int):
     return changes
 
 
+def check_telemetry_path(path) -> Path:
+    """A path the telemetry JSONL can be written to (checked without touching it): a folder or a
+    missing parent folder is an InputError naming it."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--telemetry {p}: is a folder; give a file path in it "
+                         f"(e.g. {p / 'telemetry.jsonl'})")
+    if not p.parent.is_dir():
+        raise InputError(f"--telemetry {p}: the folder {p.parent} does not exist; create it or "
+                         "give a path in an existing folder")
+    return p
+
+
+def open_telemetry(path):
+    """Open the telemetry JSONL for writing (checked first; an unwritable path is an
+    InputError)."""
+    p = check_telemetry_path(path)
+    try:
+        return open(p, "w")
+    except OSError as e:
+        raise InputError(f"--telemetry {p}: cannot write it ({e.strerror or e})") from e
+
+
 def _entries(info) -> list[tuple[int, int]]:
     n = int(info.num_entries)
     return list(zip(np.asarray(info.level_E)[:n].tolist(), np.asarray(info.node_E)[:n].tolist()))
@@ -64,7 +89,7 @@ class FocusPrinter:
     def __init__(self, session: Session, show: bool, telemetry=None, out=None):
         self.s, self.show, self._out = session, show, out
         self.prev = None
-        self.tele = open(telemetry, "w") if telemetry else None
+        self.tele = open_telemetry(telemetry) if telemetry else None
         self.t_last = time.perf_counter()
         self.rows = []
 
