@@ -14,13 +14,8 @@ from mc_jax.errors import InputError
 from mc_jax.eval.evaluators.registry import (Evaluator, grid_item, is_ok, md_table, policy_order,
                                              pyplot, register_evaluator, short_status)
 from mc_jax.eval.policies.registry import K
+from mc_jax.eval.tasks.planted import INTRO, NEEDLE, QUESTION, REPEAT_FILLER
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-         "it. I will quiz you about the important information there.\n")
-REPEAT_FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
-                 "back again.")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 def passkey_case(tokenizer, W: int, mult: int, filler: str, depth: float, placement: str,
