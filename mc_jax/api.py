@@ -20,11 +20,12 @@ from typing import Sequence
 import numpy as np
 
 from mc_jax.base import loading
+from mc_jax.base.chat import build_prompt
 from mc_jax.base.sampling import stop_ids
 from mc_jax.core.working_context import to_host_entries
 from mc_jax.errors import InputError, MissingResourceError
 from mc_jax.nets.io import load_nets
-from mc_jax.runtime.answer import answer_after_wc
+from mc_jax.runtime.answer import answer_question
 from mc_jax.runtime.session import Session
 
 
@@ -114,14 +115,19 @@ class MegaContext:
                 out.append(int(t))
         return self.model.tokenizer.decode(out)
 
-    def answer(self, question: str, max_new_tokens: int = 32) -> str:
-        """Greedy answer to `question` after [working context || pending tokens || question].
-        The question is not added to the history."""
-        q = self._encode(question)
-        if not q:
+    def answer(self, question: str, max_new_tokens: int = 32, *, chat: bool = True,
+               answer_prefix: str | None = None) -> str:
+        """Greedy answer to `question`, the evaluators' path (`runtime.answer.answer_question`):
+        the question's first whole block (with the pending tokens before it) is ingested so focus
+        refocuses with it in view, kept raw; the prompt goes through the base's chat template
+        (the user turn's opening before the working context, the assistant turn after the
+        question, starting with `answer_prefix`) unless chat=False, which appends
+        [question || answer_prefix] verbatim. The question is not added to the history."""
+        if not self._encode(question):
             raise InputError("the question is empty")
-        return answer_after_wc(self.session, np.asarray(self.pending, np.int32),
-                               np.asarray(q, np.int32), max_new_tokens)
+        pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
+        return answer_question(self.session, np.asarray(self.pending, np.int32), pr,
+                               max_new_tokens)
 
     def score(self, text: str | Sequence[int]) -> dict:
         """Teacher-forced NLL of `text` continuing the history, one refocus per block (what

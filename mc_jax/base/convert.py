@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mc_jax.base.base_model import LlamaConfig, Params
-from mc_jax.base.hf import (CACHED_FILES, META, cache_problem, file_digest, hf_shapes,
+from mc_jax.base.hf import (CACHED_FILES, EXTRA_FILES, META, cache_problem, file_digest, hf_shapes,
                             params_from_hf, positive_int, save_hf_dir)
 from mc_jax.base.tokenizer import Tokenizer, tokenizer_from_gguf_fields
 from mc_jax.errors import ConfigError, CorruptFileError, MissingResourceError
@@ -155,7 +155,9 @@ def gguf_to_hf(fields: dict[str, Any], tensors: dict[str, np.ndarray], where: st
         hf_tok = tokenizer_from_gguf_fields(fields)
     except CorruptFileError as e:
         raise CorruptFileError(f"{where}: {e}") from e
-    tok = Tokenizer(hf=hf_tok, name=cfg.name, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+    tmpl = fields.get("tokenizer.chat_template")
+    tok = Tokenizer(hf=hf_tok, name=cfg.name, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
+                    chat_template=str(tmpl) if tmpl else None)
     return cfg, params, tok
 
 
@@ -220,7 +222,7 @@ def convert_gguf(gguf_path: str | Path | None = None, *, force: bool = False, lo
     if out.parent.is_dir():
         clean_stale_temps(out.parent, log)
     if out.exists() and not force:
-        problem = cache_problem(out, weights=verify)
+        problem = cache_problem(out, weights=verify, need_extra=True)
         if problem is None:
             return out
         log(f"cached conversion {out} cannot be used: {problem}; converting again")
@@ -235,11 +237,15 @@ def convert_gguf(gguf_path: str | Path | None = None, *, force: bool = False, lo
         _write_writer(tmp)
         tmp.chmod(0o755)
         save_hf_dir(tmp, params, cfg, tok)
-        files = {n: {"size": (tmp / n).stat().st_size, "sha256": file_digest(tmp / n, None)}
-                 for n in CACHED_FILES}
+        entry = lambda n: {"size": (tmp / n).stat().st_size,  # noqa: E731
+                           "sha256": file_digest(tmp / n, None)}
+        files = {n: entry(n) for n in CACHED_FILES}
+        # "extra_files" (tokenizer_config.json, the chat template) are listed apart, so an
+        # older mc_jax, which checks "files" against its own list, still trusts this entry
+        extra = {n: entry(n) for n in EXTRA_FILES}
         meta = {"source": str(gguf_path), "sha256_16": file_digest(gguf_path),
                 "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "name": cfg.name,
-                "files": files}
+                "files": files, "extra_files": extra}
         (tmp / "writer.json").unlink()
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if out.exists():  # move the old entry aside first: readers never see a missing entry

@@ -193,7 +193,26 @@ def save_hf_dir(path: str | Path, params: Params, cfg: LlamaConfig,
               metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
+        tc = {"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {}
+        (path / TOKENIZER_CONFIG).write_text(json.dumps(tc, indent=2))
     return path
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"  # HF's name; mc_jax reads only its chat_template
+
+
+def read_chat_template(path: Path) -> str | None:
+    """`chat_template` of a directory's tokenizer_config.json (None without one)."""
+    f = path / TOKENIZER_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        t = json.loads(f.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CorruptFileError(f"{f} is not a JSON object: {e}") from e
+    if isinstance(t, list):  # HF's list of named templates: the default one
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None
 
 
 def load_hf_dir(path: str | Path, *, weights: bool = True) -> BaseModel:
@@ -218,7 +237,8 @@ def load_hf_dir(path: str | Path, *, weights: bool = True) -> BaseModel:
     tok_file = path / "tokenizer.json"
     if not tok_file.exists():
         raise MissingResourceError(f"{path} has no tokenizer.json")
-    tokenizer = load_tokenizer_file(tok_file, name=path.name, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+    tokenizer = load_tokenizer_file(tok_file, name=path.name, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
+                                    chat_template=read_chat_template(path))
     params = None
     if weights:
         files = sorted(path.glob("*.safetensors"))
@@ -248,17 +268,28 @@ META = "mc_jax_meta.json"
 
 
 CACHED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# listed under the manifest's "extra_files" (older mc_jax versions check "files" == CACHED_FILES)
+EXTRA_FILES = (TOKENIZER_CONFIG,)
 
 
-def cache_problem(path: Path, *, weights: bool = True) -> str | None:
-    """Why a converted-base directory cannot be trusted, or None if its manifest checks out."""
+def cache_problem(path: Path, *, weights: bool = True, need_extra: bool = False) -> str | None:
+    """Why a converted-base directory cannot be trusted, or None if its manifest checks out.
+    An entry written before EXTRA_FILES existed (no chat template) still loads; need_extra (the
+    conversion's own check) makes it a problem, so such an entry is converted once more."""
     try:
-        files = json.loads((path / META).read_text())["files"]
+        meta = json.loads((path / META).read_text())
+        files = meta["files"]
         assert isinstance(files, dict) and set(files) == set(CACHED_FILES)
+        extra = meta.get("extra_files", {})
+        assert isinstance(extra, dict) and set(extra) <= set(EXTRA_FILES)
     except FileNotFoundError:
         return f"{META} is missing (the conversion did not finish)"
     except (ValueError, KeyError, TypeError, AssertionError):
         return f"{META} has no checksum manifest (written by an older mc_jax, or damaged)"
+    if need_extra and set(extra) != set(EXTRA_FILES):
+        return (f"{META} lists no {', '.join(EXTRA_FILES)} (converted by an older mc_jax, "
+                "before chat templates were kept)")
+    files = {**files, **extra}
     for name, want in files.items():
         f = path / name
         if not f.is_file():

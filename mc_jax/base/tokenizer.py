@@ -35,6 +35,10 @@ class Tokenizer:
     name: str
     bos_id: int | None = None
     eos_id: int | None = None
+    # the base's chat template (Jinja source, as in GGUF `tokenizer.chat_template` or HF
+    # tokenizer_config.json `chat_template`); None when the base has none. Rendered by
+    # `mc_jax.base.chat`. Not part of the fingerprint (it does not change token ids).
+    chat_template: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -88,12 +92,13 @@ def tokenizer_from_gguf_fields(fields: dict) -> tokenizers.Tokenizer:
 
 
 def load_tokenizer_file(path: str | Path, name: str | None = None, bos_id=None,
-                        eos_id=None) -> Tokenizer:
+                        eos_id=None, chat_template: str | None = None) -> Tokenizer:
     path = Path(path)
     try:
         hf = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise CorruptFileError(f"cannot read tokenizer file {path}: {e}") from e
-    return Tokenizer(hf=hf, name=name or path.parent.name, bos_id=bos_id, eos_id=eos_id)
+    return Tokenizer(hf=hf, name=name or path.parent.name, bos_id=bos_id, eos_id=eos_id,
+                     chat_template=chat_template)
 
 

@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--input", default=None,
                    help="a long text file to read as history through MegaContext")
-    p.add_argument("--question", default=None, help="question appended after --input")
+    p.add_argument("--question", default=None,
+                   help="answer this question about --input (greedy), through the base's chat "
+                        "template, with any --policy")
+    p.add_argument("--no-chat", action="store_true",
+                   help="with --question: a plain prompt ('Question: ...\nAnswer:') instead of "
+                        "the chat template")
+    p.add_argument("--answer-prefix", default=None,
+                   help="with --question: text that starts the answer (the assistant turn)")
     p.add_argument("--budget", type=int, default=None,
                    help="working-context budget W in base-model positions (MegaContext)")
     p.add_argument("--checkpoint", default=None, help="GistNet/LensNet checkpoint directory")
@@ -125,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--policy", default="lens", choices=["lens", "recency"],
-                   help="focus policy for --input (default lens)")
+    p.add_argument("--policy", default="lens",
+                   choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "oracle"],
+                   help="context policy (default lens); full, truncate, sinks and meanpool "
+                        "answer a --question only")
     p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
     _add_runtime_args(p)
     _add_base(p)

@@ -74,7 +74,10 @@ def generate_cli(args) -> int:
     else:
         raise InputError("give --input FILE (a long history) or --prompt TEXT")
     if args.question:
-        text = text.rstrip() + f"\n\nQuestion: {args.question}\nAnswer:"
+        return _answer_cli(args, text, log)
+    if getattr(args, "policy", "lens") not in ("lens", "recency"):
+        raise InputError(f"--policy {args.policy} answers a --question only (streaming "
+                         "generation runs the MegaContext runtime: lens or recency)")
     if not text.strip():
         raise InputError("the prompt is empty")
     model = loading.load_base(args.base, dtype=args.dtype)
@@ -128,6 +131,74 @@ def generate_cli(args) -> int:
         f"{t_ingest / max(n_full // K, 1) * 1e3:.0f} ms/block ingest, "
         f"{t_gen / max(-(-(len(out) + len(tail)) // K), 1):.2f} s/block generate "
         f"({len(out)} tokens)")
+    return 0
+
+
+BASE_ONLY = ("full", "truncate", "sinks")
+
+
+def _answer_cli(args, text: str, log) -> int:
+    """generate --question: the evaluators' answering path for the chosen policy (the question
+    is the newest raw tokens; MegaContext policies refocus with it; chat template unless
+    --no-chat). Prints the greedy answer."""
+    from mc_jax.base.chat import build_prompt, plain_question
+    from mc_jax.eval.policies.protocol import NotApplicable
+    from mc_jax.runtime.answer import answer_question
+
+    policy = getattr(args, "policy", "lens") or "lens"
+    if policy == "oracle":
+        raise InputError("--policy oracle cannot answer: it picks its focus by the NLL of the "
+                         "tokens it scores (a perplexity bound), and an answer's tokens are not "
+                         "known in advance; use lens, recency, meanpool, full, truncate or sinks")
+    if not args.question.strip():
+        raise InputError("--question is empty")
+    if not text.strip():
+        raise InputError("the history is empty")
+    if args.temperature:
+        log("[mc-jax] --question answers greedily; --temperature/--top-p are ignored")
+    model = loading.load_base(args.base, dtype=args.dtype)
+    chat = not args.no_chat
+    q = args.question if chat else plain_question(args.question)
+    pr = build_prompt(model.tokenizer, q, chat=chat, answer_prefix=args.answer_prefix)
+    ids = np.asarray(model.tokenizer.encode(text.rstrip()), np.int32)
+    n_new = int(args.max_new_tokens)
+    log(f"[mc-jax] question prompt: {'chat template' if pr.chat else 'plain'}, "
+        f"{len(pr.head)} + {len(ids)} history + {len(pr.tail)} tokens")
+    t0 = time.perf_counter()
+    if policy in BASE_ONLY:
+        from mc_jax.eval.policies.registry import make_policy
+
+        budget = 1024 if args.budget is None else int(args.budget)
+        try:
+            ans = make_policy(policy, model, budget).answer(ids, q, n_new, chat=chat,
+                                                            answer_prefix=args.answer_prefix)
+        except NotApplicable as e:
+            raise InputError(f"--policy {policy}: {e}") from e
+    else:
+        if policy == "meanpool":
+            gist, _, info = load_nets(model, None, need_trained=False, meanpool=True)
+            nets = (gist, None, info, "recency")
+        else:
+            nets = _networks_for_cli(args, model, log)
+        s = _session_for_cli(args, model, nets, len(ids) + len(pr.tail) + n_new + 64, log)
+        fp = FocusPrinter(s, args.show_focus, args.telemetry)
+        if args.telemetry:
+            fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
+        K = s.cfg.block_size
+        n_full = (len(ids) // K) * K
+        update, close = _progress(n_full, "ingest")
+        s.ingest(ids[:n_full], on_block=fp, progress=update)
+        close()
+        ans = answer_question(s, ids[n_full:], pr, n_new)
+        summ = fp.summary()
+        fp.close()
+        log(f"[mc-jax] summary: history {len(s.ids)} tokens, WC budget used "
+            f"{int(s.state.wc.total_cost())}/{s.cfg.budget} (mean "
+            f"{summ['budget_used_mean']:.0f}), {summ['actions_per_block']:.2f} actions/block "
+            f"over {summ['blocks']} blocks")
+    log(f"[mc-jax] policy {policy}: answered in {time.perf_counter() - t0:.1f}s")
+    sys.stdout.write(ans + "\n")
+    sys.stdout.flush()
     return 0
 
 

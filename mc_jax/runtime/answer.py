@@ -31,10 +31,12 @@ def _prefill_embeds(params, cfg, cache, x_1xTxD, pos_1xT, sigma_1xT, valid_1xT, 
                       cache=cache, cache_index=0, adapter=ad, adapt_BxT=gist_1xT)
 
 
-def answer_after_wc(s, tail_ids, question_ids, max_new_tokens: int) -> str:
-    """Greedy answer after [WC of the ingested history || tail (partial block) || question] of
-    the Session `s`; the tail and question sit outside the budget, in a fresh cache sized to fit.
-    The stop id that ends the answer is not part of it."""
+def answer_after_wc(s, tail_ids, question_ids, max_new_tokens: int, head_ids=()) -> str:
+    """Greedy answer after [head || WC of the ingested history || tail (partial block) ||
+    question] of the Session `s`; the head (a chat template's opening of the user turn), tail and
+    question sit outside the budget, in a fresh cache sized to fit. The head takes positions
+    0..H-1 and every WC position moves up by H (RoPE sees the same relative distances within the
+    WC). The stop id that ends the answer is not part of it."""
     model, rt = s.model, s.rt
     x_SxD, pos_S, sig_S, valid_S, gist_S, next_pos = jax.device_get(
         wc_inputs(rt, s.params, s.state))
@@ -54,13 +56,22 @@ def answer_after_wc(s, tail_ids, question_ids, max_new_tokens: int) -> str:
     p0 = int(next_pos)
     x = np.concatenate([x, emb.astype(x.dtype)])
     pos = np.concatenate([pos, p0 + np.arange(len(extra))]).astype(np.int32)
+    head = np.asarray(head_ids, np.int32).reshape(-1)
+    H = len(head)
+    if H:
+        h_emb = np.asarray(bm.embed_tokens(s.params, jnp.asarray(head))).astype(x.dtype)
+        x = np.concatenate([h_emb, x])
+        pos = np.concatenate([np.arange(H), pos + H]).astype(np.int32)
+        sig = np.concatenate([np.zeros(H, sig.dtype), sig])
+        gist = np.concatenate([np.zeros(H, bool), gist])
+        p0 += H
     P = len(x)
     if P == 0:
         raise InputError("nothing to answer from: the history and the question are empty")
     T = -(-P // 256) * 256  # few prompt shapes, so few compiles across a sweep
     size = T + -(-max_new_tokens // 64) * 64
     if size > model.cfg.max_seq_len:
-        raise CapacityError(f"WC ({cost}) + question ({len(extra)}) + {max_new_tokens} new "
+        raise CapacityError(f"WC ({cost}) + question ({H + len(extra)}) + {max_new_tokens} new "
                             f"tokens exceed the base model's context {model.cfg.max_seq_len}")
     xp = np.zeros((1, T, x.shape[1]), x.dtype)
     xp[0, :P] = x
@@ -84,3 +95,31 @@ def answer_after_wc(s, tail_ids, question_ids, max_new_tokens: int) -> str:
     if out and out[-1] in stops:
         out.pop()
     return model.tokenizer.decode(out)
+
+
+def answer_question(s, pending_ids, prompt, max_new_tokens: int) -> str:
+    """Question-aware greedy answer of the Session `s` (its history ingested up to a block
+    boundary, `pending_ids` the partial block after it) to `prompt` (`mc_jax.base.chat.
+    AnswerPrompt`): the first whole blocks of [pending || prompt.tail] (the question's, at most
+    the runtime's protected_blocks of them) are ingested through the session, so focus refocuses
+    with the question in view, and they are the newest protected blocks, which stay raw (LOD0):
+    the question is never folded into a gist. Whatever is left of the tail (a partial block, or
+    blocks beyond protected_blocks) follows the WC raw, outside the budget, with prompt.head
+    before the WC (`answer_after_wc`). The session's state is restored afterwards: the question
+    does not become history."""
+    K, P = s.cfg.block_size, s.cfg.protected_blocks
+    if len(s.ids) % K:
+        raise InputError("answer_question needs a session at a block boundary")
+    post = np.concatenate([np.asarray(pending_ids, np.int32).reshape(-1),
+                           np.asarray(prompt.tail, np.int32)])
+    n_in = min(len(post) // K, P) * K
+    # the ingest step donates its state: keep a copy to restore
+    saved = (jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a,
+                          s.state) if n_in else s.state, list(s.ids))
+    try:
+        if n_in:
+            s.ingest(post[:n_in])
+        return answer_after_wc(s, post[n_in:], np.zeros(0, np.int32), max_new_tokens,
+                               head_ids=prompt.head)
+    finally:
+        s.state, s.ids = saved

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from mc_jax.base.chat import chat_style
 from mc_jax.errors import InputError
 from mc_jax.eval.evaluators.registry import (Evaluator, grid_item, is_ok, md_table, policy_order,
                                              pyplot, register_evaluator, short_status)
@@ -70,11 +71,21 @@ class PasskeyEvaluator(Evaluator):
     """Passkey retrieval: a 5-digit key in mult*W tokens of filler, asked for at the end; exact
     match of the first number in the greedy answer. Grid: policies x budgets x history multiples x
     filler kinds (`repeat`: Landmark Attention sentences; `prose`: a shipped text) x depths x
-    placements (`aligned` to a block start, `straddle` across a block boundary) x seeds."""
+    placements (`aligned` to a block start, `straddle` across a block boundary) x seeds.
+
+    Config `chat` (default true): ask through the base's chat template when it has one (the
+    question in the user turn after the history, "The pass key is" opening the assistant turn,
+    as RULER asks instruct models); an instruct base reads a plain continuation badly, so the
+    plain prompt measured the prompt format as much as retrieval. `chat: false` (or a base
+    without a template, such as the tiny test base) gives the earlier plain prompt,
+    [history || "\nWhat is the pass key? The pass key is"], token for token."""
 
     title = "Passkey retrieval (exact match of the greedy answer)"
 
     def items(self, ecfg, ctx):
+        # the prompt style is part of a row's key: rows measured with the plain prompt (before
+        # chat became the default; they have no "chat" key) are not reused as chat rows
+        style = {"chat": True} if bool(ecfg.get("chat", True)) else {}
         out = []
         for W in ecfg["budgets"]:
             for m in ecfg["history_mults"]:
@@ -85,7 +96,8 @@ class PasskeyEvaluator(Evaluator):
                                 for p in ecfg["policies"]:
                                     out.append(grid_item(ecfg, ctx, dict(
                                         policy=p, W=int(W), mult=int(m), filler=f,
-                                        depth=float(d), placement=pl, seed=int(s))))
+                                        depth=float(d), placement=pl, seed=int(s),
+                                        **style)))
         return out
 
     def run(self, ecfg, ctx, item):
@@ -94,11 +106,20 @@ class PasskeyEvaluator(Evaluator):
         case = passkey_case(ctx.model.tokenizer, item["W"], item["mult"], item["filler"],
                             item["depth"], item["placement"], item["seed"], prose)
         t0 = time.perf_counter()
-        ans = policy.answer(case["history"], case["question"],
-                            int(ecfg.get("max_new_tokens", 8)))
+        chat = bool(item.get("chat", False))
+        if chat and chat_style(ctx.model.tokenizer) is not None:
+            # RULER-style: the question in the user turn, the answer prefix in the assistant's
+            cut = QUESTION.index("?") + 1
+            ans = policy.answer(case["history"], QUESTION[:cut].strip(),
+                                int(ecfg.get("max_new_tokens", 8)), chat=True,
+                                answer_prefix=QUESTION[cut:].strip())
+        else:  # the plain prompt of the earlier results: [history || "\nWhat is ... key is"]
+            chat = False
+            ans = policy.answer(case["history"], case["question"],
+                                int(ecfg.get("max_new_tokens", 8)), chat=False)
         m = re.search(r"\d+", ans)
         correct = bool(m and m.group() == str(case["key"]))
-        return dict(passkey=case["key"], answer=ans, correct=correct,
+        return dict(passkey=case["key"], answer=ans, correct=correct, chat=chat,
                     history_tokens=len(case["history"]), needle_start=case["needle_start"],
                     key_start=case["key_start"], seconds=time.perf_counter() - t0)
 

@@ -19,7 +19,8 @@ from mc_jax.core import working_context as wcm
 from mc_jax.errors import CapacityError, ConfigError
 from mc_jax.eval.policies.protocol import NotApplicable, check_blocks
 from mc_jax.nets.io import load_nets
-from mc_jax.runtime.answer import answer_after_wc
+from mc_jax.base.chat import build_prompt
+from mc_jax.runtime.answer import answer_question
 from mc_jax.runtime.session import Session
 
 MEGACONTEXT_POLICIES = ("recency", "meanpool", "lens")
@@ -75,15 +76,21 @@ class MegaContextPolicy:
         self._stats["blocks"] += int(s.state.blocks)
         self._stats["actions"] += int(s.state.total_actions)
 
-    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+    def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
+               answer_prefix=None) -> str:
+        """Question-aware greedy answer (`mc_jax.runtime.answer.answer_question`): the history
+        is ingested, then the question's first whole blocks (the newest, protected, raw), so
+        focus refocuses with the question in view; the rest of the prompt's tail follows the WC
+        raw and the chat template's head precedes it (`mc_jax.base.chat.build_prompt`)."""
         K = self.K
         ids = bm.check_token_ids(history_ids, self.model.cfg).reshape(-1)
-        q = bm.check_token_ids(list(question_ids), self.model.cfg).reshape(-1)
-        s = self._session(len(ids) + K)
+        pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
+        bm.check_token_ids(pr.tail, self.model.cfg)
+        s = self._session(len(ids) + len(pr.tail) + K)
         n_full = len(ids) // K * K
         s.ingest(ids[:n_full])
         try:
-            return answer_after_wc(s, ids[n_full:], q, max_new_tokens)
+            return answer_question(s, ids[n_full:], pr, max_new_tokens)
         except CapacityError as e:
             raise NotApplicable(str(e)) from e
 

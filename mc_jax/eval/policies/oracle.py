@@ -126,7 +126,7 @@ class OraclePolicy(MegaContextPolicy):
     def _end_stream(self, s: Session) -> None:  # its counters are per scored block
         pass
 
-    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+    def answer(self, history_ids, question, max_new_tokens: int, **kw) -> str:
         raise NotApplicable("the oracle picks its focus by the NLL of the tokens it scores; it "
                             "does not know an answer's tokens in advance")
 

@@ -32,7 +32,11 @@ class Policy(Protocol):
     def nll_stream(self, ids_N: np.ndarray, blocks: Sequence[int] | None = None) -> np.ndarray:
         ...
 
-    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+    def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
+               answer_prefix=None) -> str:
+        """Greedy answer to `question` (text or ids) after the history: the question is the
+        newest raw tokens, seen by the policy's focus where it has one, and the prompt goes
+        through the base's chat template unless chat=False (`mc_jax.base.chat.build_prompt`)."""
         ...
 
 

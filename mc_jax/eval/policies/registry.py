@@ -11,8 +11,12 @@ drives:
   predicted from the context plus block tokens < j). `blocks` lists the blocks to score (each
   >= 1 and complete; default: every complete block from 1). This is how the MegaContext runtime
   scores a block (refocus once per block), so base-only and MegaContext policies are comparable.
-- `answer(history_ids, question_ids, max_new_tokens) -> str`: greedy generation after
-  [policy's context of the history || question].
+- `answer(history_ids, question, max_new_tokens, *, chat=True, answer_prefix=None) -> str`:
+  greedy generation after [head || policy's context of the history || tail]
+  (`mc_jax.base.chat.build_prompt`): with the base's chat template, the user turn holds
+  [context || question] and the assistant turn starts with the answer prefix; chat=False (or no
+  template) appends [question || prefix] verbatim. The question is the newest raw tokens; a
+  MegaContext policy ingests its first blocks before it answers, so its focus sees them.
 
 Base-only policies (`mc_jax.eval.policies.window`): `full`, `truncate`, `sinks`. MegaContext
 policies over the runtime (`mc_jax.eval.policies.megacontext`, `mc_jax.eval.policies.oracle`):

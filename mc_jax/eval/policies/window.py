@@ -20,6 +20,7 @@ import numpy as np
 
 from mc_jax.base import base_model as bm
 from mc_jax.base import sampling
+from mc_jax.base.chat import build_prompt
 from mc_jax.errors import InputError
 from mc_jax.eval.policies.protocol import K, NotApplicable, check_blocks
 
@@ -127,12 +128,18 @@ class WindowPolicy:
                                            jnp.asarray(valid[None]), jnp.int32(c)))
         return out
 
-    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
+    def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
+               answer_prefix=None) -> str:
+        """Greedy answer after [head || kept history || tail] (`mc_jax.base.chat.build_prompt`:
+        the chat template's user turn around [window || question] and the assistant turn's
+        answer prefix; chat=False or no template: [window || question || prefix]). The window is
+        chosen from the history alone (a base-only policy has no focus); head and tail sit
+        outside the budget W."""
         hist = bm.check_token_ids(history_ids, self.model.cfg)
-        q = list(question_ids)
-        prompt = np.concatenate([self.keep(hist), np.asarray(q, np.int32)])
+        pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
+        prompt = pr.around(self.keep(hist))
         return greedy_answer(self.model, prompt, max_new_tokens,
-                             pad_to=self.budget + _round_up(len(q), 64))
+                             pad_to=self.budget + _round_up(len(pr.head) + len(pr.tail), 64))
 
 
 class TruncatePolicy(WindowPolicy):
@@ -208,9 +215,11 @@ class FullPolicy:
         nll = self._doc_nll(ids_N)
         return np.stack([nll[b * K - 1:(b + 1) * K - 1] for b in blocks])
 
-    def answer(self, history_ids, question_ids, max_new_tokens: int) -> str:
-        prompt = np.concatenate([bm.check_token_ids(history_ids, self.model.cfg),
-                                 np.asarray(list(question_ids), np.int32)])
+    def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
+               answer_prefix=None) -> str:
+        """Greedy answer after [head || whole history || tail] (see `WindowPolicy.answer`)."""
+        pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
+        prompt = pr.around(bm.check_token_ids(history_ids, self.model.cfg))
         if len(prompt) + max_new_tokens > self.max_len:
             raise NotApplicable(f"history + question + answer = {len(prompt) + max_new_tokens} "
                                 f"tokens exceed the full-context limit {self.max_len}")
