@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -94,6 +95,7 @@ class TrainConfig:
     name: str = "tiny"
 
     def __post_init__(self):
+        self._check_ranges()
         if self.seq_len % self.block_size:
             raise ConfigError(f"seq_len={self.seq_len} must be a multiple of the block size "
                               f"{self.block_size}")
@@ -116,6 +118,21 @@ class TrainConfig:
         if self.data not in ("synthetic", "corpus"):
             raise ConfigError(f"data must be 'synthetic' or 'corpus', got {self.data!r}")
 
+    def _check_ranges(self):
+        """Every numeric field within its range, checked once here (a `--set`, a preset or a
+        config file alike), with the field and the allowed range named."""
+        for name, (lo, strict) in _RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v) or v < lo or (strict and v == lo):
+                raise ConfigError(f"{name}={v} is out of range: allowed {name} "
+                                  f"{'>' if strict else '>='} {lo}, finite")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, name)!r}")
+
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
@@ -136,6 +153,25 @@ class TrainConfig:
         sequence in the gist/joint phase; a loss is added to the GistNet loss, None means
         telemetry only. None here; an experiment's config subclass returns its own."""
         return ()
+
+
+# field: (lowest value, whether the lowest value itself is excluded)
+_RANGES = {
+    "seq_len": (1, False), "horizon": (1, False), "budget": (1, False), "depth": (1, False),
+    "protect_blocks": (0, False), "n_edits": (0, False),
+    "subst_kl_weight": (0, False), "content_weight": (0, False), "content_margin": (0, False),
+    "batch_size": (1, False), "steps": (0, False), "lr": (0, True), "warmup_steps": (0, False),
+    "weight_decay": (0, False), "clip_norm": (0, True), "gist_width": (1, False),
+    "gist_heads": (1, False), "lens_width": (1, False), "lens_heads": (1, False),
+    "lens_latents": (1, False), "lens_layers": (1, False), "contrastive_weight": (0, False),
+    "contrastive_margin": (0, False), "kl_weight": (0, False), "lens_weight": (0, False),
+    "utility_scale": (0, True), "edit_lambda": (0, False), "rank_weight": (0, False),
+    "budget_weight": (0, False), "illegal_weight": (0, False), "delta_head_weight": (0, False),
+    "seed": (0, False), "log_every": (1, False), "checkpoint_every": (1, False),
+    # a run keeps at least its latest checkpoint: 0 would keep none and a resume start over
+    "keep_checkpoints": (1, False),
+}
+_CHOICES = {"position_mode": ("compact", "global")}
 
 
 PRESETS = {
@@ -228,10 +264,16 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(gist, lens, joint, global, subst, reader for presets)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="train up to this step")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train up to this step (>= 0; on --resume it may differ from the run's "
+                        "steps, whose learning-rate schedule is kept)")
     p.add_argument("--workdir", default="runs/train", help="checkpoints, metrics.jsonl, tb/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--devices", type=int, default=None, help="use only the first N devices")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint (verified; its stored config must "
+                        "match this one's)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="use only the first N devices (1 to all; a resume on another count is "
+                        "no longer bit-identical)")
     p.add_argument("--export", default=None,
                    help="also write GistNet+LensNet (bf16 safetensors) to this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,17 +2,22 @@
 
 `run` trains a `TrainConfig` in a work directory: metrics.jsonl (one JSON row per step),
 TensorBoard events under tb/ (when tensorboardX is installed), Orbax checkpoints for an exact
-resume (the config must match the run's config.json), and optionally the exported networks.
+resume (verified on restore; the config must match the one stored in the checkpoint), and
+optionally the exported networks. One run at a time holds a workdir (workdir/.lock).
 The metrics of step i are read after step i + 1 is dispatched, so the host never waits on the
 device between steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import sys
 import time
+from numbers import Integral
 from pathlib import Path
 
 import jax
@@ -22,9 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mc_jax.data import pipeline as data
-from mc_jax.errors import ConfigError, McJaxError
-from mc_jax.training.checkpoints import (export_networks, manager, restore_checkpoint,
-                                         save_checkpoint, warm_start)
+from mc_jax.errors import ConfigError, CorruptFileError, McJaxError
+from mc_jax.training.checkpoints import (export_networks, manager, read_meta,
+                                         restore_checkpoint, save_checkpoint, verify_step,
+                                         warm_start)
 from mc_jax.training.config import TrainConfig
 from mc_jax.training.models import Models, build_models, load_frozen_base
 from mc_jax.training.step import compile_train_step, init_state, make_mesh
@@ -86,14 +92,122 @@ def _writer(workdir: Path):
         return None
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """One writer per work directory: an exclusive flock on workdir/.lock (holding this run's pid
+    and host), held for the whole run. A second run is refused by name; the OS drops the lock of
+    a killed run, so a kill -9 never leaves the workdir stuck. Each process of a multi-host run
+    locks its own file."""
+    name = ".lock" if jax.process_count() == 1 else f".lock.{jax.process_index()}"
+    path = workdir / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"{workdir} is in use by another `mc-jax train` ({holder}; lock "
+                              f"file {path}): wait for it to finish or use another --workdir") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_run_args(steps, n_devices):
+    def bad(v):
+        return isinstance(v, bool) or not isinstance(v, Integral)
+
+    if steps is not None and (bad(steps) or steps < 0):
+        raise ConfigError(f"--steps must be an integer >= 0 (the step to train up to), got "
+                          f"{steps!r}")
+    n = len(jax.devices())
+    if n_devices is not None and (bad(n_devices) or not 1 <= n_devices <= n):
+        raise ConfigError(f"--devices must be between 1 and {n} (the devices JAX sees), got "
+                          f"{n_devices!r}")
+
+
+def _trim_metrics(path: Path, last_step: int):
+    """Drop metrics rows past the restored step (a killed run logged them before its next save;
+    the resumed run logs them again) and a torn last line, so each step appears once. Atomic."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n < len(lines) - 1:
+                keep.append(line)  # not ours to judge; a torn last line is dropped
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                and row["step"] > last_step):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _resume_config(cfg: TrainConfig, saved: dict, source: str, steps, log):
+    """Compare this run's config with the run's saved one (a field added to TrainConfig after
+    the run started counts as its default). `steps` may differ: on a resume it only says how far
+    to train (like --steps); the learning-rate schedule keeps the run's own `steps`, so the
+    resume stays exact. Returns (config to train with, step to train up to)."""
+    defaults = json.loads(type(cfg)().to_json())
+    diff = sorted(k for k, v in json.loads(cfg.to_json()).items()
+                  if k != "steps" and saved.get(k, defaults[k]) != v)
+    if diff:
+        raise ConfigError(f"--resume with a different config than the run's ({source}; differs "
+                          f"in: {', '.join(diff)}); an exact resume needs the same config: resume "
+                          f"with the run's own values or use a fresh --workdir (nothing was "
+                          "changed)")
+    run_steps = saved.get("steps", defaults["steps"])
+    total = steps if steps is not None else cfg.steps
+    if cfg.steps != run_steps:
+        log(f"steps={cfg.steps}: training up to step {total}; the learning-rate schedule keeps "
+            f"the run's steps={run_steps} (an exact resume)")
+        cfg = cfg.replace(steps=run_steps)
+    return cfg, total
+
+
 def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: int | None = None,
         n_devices: int | None = None, progress: bool = True, export: str | Path | None = None,
         log=None) -> dict:
     """Train; returns the summary printed as the last JSON line by the CLI."""
+    _check_run_args(steps, n_devices)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    with workdir_lock(workdir):
+        return _run(cfg, workdir, resume, steps, n_devices, progress, export,
+                    log or (lambda s: print(s, file=sys.stderr, flush=True)))
+
+
+def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
     total = steps if steps is not None else cfg.steps
+    mgr = manager(workdir, cfg)
+    ckpt_step = mgr.latest_step() if resume else None
+    saved_meta = None
+    if ckpt_step is not None:  # the checkpoint's own config decides, before anything is built
+        verify_step(mgr, ckpt_step, log)
+        saved_meta = read_meta(mgr, ckpt_step)
+        if isinstance(saved_meta.get("config"), dict):
+            cfg, total = _resume_config(cfg, saved_meta["config"], f"checkpoint step "
+                                        f"{ckpt_step}'s meta", steps, log)
+    elif resume and (workdir / "config.json").exists():
+        try:
+            saved = json.loads((workdir / "config.json").read_text())
+            assert isinstance(saved, dict)
+        except (ValueError, AssertionError) as e:
+            raise CorruptFileError(f"{workdir}/config.json is not the JSON object of a run's "
+                                   "config (damaged?); restore it or use a fresh --workdir") from e
+        cfg, total = _resume_config(cfg, saved, f"{workdir}/config.json", steps, log)
+    if not resume and mgr.latest_step() is not None:
+        raise ConfigError(f"{workdir} already holds checkpoints; pass --resume to continue or "
+                          "use another --workdir")
     base_cfg, base_params, tok = load_frozen_base(cfg)
     m, gist_state, lens_state = build_models(cfg, base_cfg, base_params, tok)
     if cfg.init_from:  # a resumed run's checkpoint then overrides it
@@ -107,31 +221,23 @@ def run(cfg: TrainConfig, workdir: str | Path, *, resume: bool = False, steps: i
     base_params = jax.device_put(base_params, rep)
     state = jax.device_put(init_state(m, gist_state, lens_state), rep)
     batches = make_batches(cfg, m, mesh)
-    mgr = manager(workdir, cfg)
-    meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name}
-    if resume and (workdir / "config.json").exists():
-        saved = json.loads((workdir / "config.json").read_text())
-        # a field added to TrainConfig after the run started counts as its default
-        defaults = json.loads(type(cfg)().to_json())
-        diff = sorted(k for k, v in json.loads(cfg.to_json()).items()
-                      if saved.get(k, defaults[k]) != v)
-        if diff:
-            raise ConfigError(f"--resume with a different config than {workdir}/config.json "
-                              f"(differs in: {', '.join(diff)}); an exact resume needs the same "
-                              "config")
+    meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name, "devices": mesh.size}
+    if saved_meta is not None and saved_meta.get("devices", mesh.size) != mesh.size:
+        log(f"warning: resuming on {mesh.size} devices a run saved on {saved_meta['devices']}: "
+            "it continues, but is no longer bit-identical to an uninterrupted run (the batch "
+            f"reductions split differently); pass --devices {saved_meta['devices']} for that")
+    if ckpt_step is not None:
+        state, data_state, _ = restore_checkpoint(mgr, state, ckpt_step, verify=False)
+        state = jax.device_put(state, rep)
+        batches.set_state(data_state)
+        log(f"resumed from step {int(state.step)} ({mgr.directory})")
+    elif resume:
+        log("no checkpoint to resume from: starting fresh")
     if resume:
-        restored = restore_checkpoint(mgr, state)
-        if restored is not None:
-            state, data_state, _ = restored
-            state = jax.device_put(state, rep)
-            batches.set_state(data_state)
-            log(f"resumed from step {int(state.step)} ({mgr.directory})")
-        else:
-            log("no checkpoint to resume from: starting fresh")
-    elif mgr.latest_step() is not None:
-        raise ConfigError(f"{workdir} already holds checkpoints; pass --resume to continue or "
-                          "use another --workdir")
-    (workdir / "config.json").write_text(cfg.to_json())
+        _trim_metrics(workdir / "metrics.jsonl", int(state.step))
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(cfg.to_json())
+    os.replace(tmp, workdir / "config.json")
     step_fn = compile_train_step(m, mesh)
     writer = _writer(workdir)
     metrics_file = open(workdir / "metrics.jsonl", "a")
