@@ -73,19 +73,22 @@ class PasskeyEvaluator(Evaluator):
     filler kinds (`repeat`: Landmark Attention sentences; `prose`: a shipped text) x depths x
     placements (`aligned` to a block start, `straddle` across a block boundary) x seeds.
 
-    Config `chat` (default true): ask through the base's chat template when it has one (the
-    question in the user turn after the history, "The pass key is" opening the assistant turn,
-    as RULER asks instruct models); an instruct base reads a plain continuation badly, so the
-    plain prompt measured the prompt format as much as retrieval. `chat: false` (or a base
-    without a template, such as the tiny test base) gives the earlier plain prompt,
-    [history || "\nWhat is the pass key? The pass key is"], token for token."""
+    Config `chat` (default false): the plain prompt [history || "\nWhat is the pass key? The
+    pass key is"], token for token as in the earlier results. `chat: true` asks through the
+    base's chat template when it has one (the question in the user turn after the history, "The
+    pass key is" opening the assistant turn). Measured on SmolLM2 (cpu_small:quick,
+    experiments/results/cpu_small_quick_s8): with chat the base explains what a pass key is
+    ("a magical item that can be used to ...") instead of reading it: 1 of 66 answers correct,
+    against 11 of 66 with the plain prompt (experiments/results/cpu_small_quick, an earlier
+    LensNet for `lens`). So the plain prompt stays the default for this task; RULER's tasks,
+    whose question names "the provided text", are where chat belongs."""
 
     title = "Passkey retrieval (exact match of the greedy answer)"
 
     def items(self, ecfg, ctx):
-        # the prompt style is part of a row's key: rows measured with the plain prompt (before
-        # chat became the default; they have no "chat" key) are not reused as chat rows
-        style = {"chat": True} if bool(ecfg.get("chat", True)) else {}
+        # the prompt style is part of a row's key (plain rows have no "chat" key, as before), so
+        # a chat row is never reused as a plain one or the other way round
+        style = {"chat": True} if bool(ecfg.get("chat", False)) else {}
         out = []
         for W in ecfg["budgets"]:
             for m in ecfg["history_mults"]:
