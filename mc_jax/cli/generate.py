@@ -12,6 +12,7 @@ import numpy as np
 from mc_jax.base import loading
 from mc_jax.base.perplexity import prefix_ids, read_text
 from mc_jax.base.sampling import stop_ids, stream_text
+from mc_jax.core.working_context import min_budget
 from mc_jax.errors import InputError
 from mc_jax.nets.io import load_nets
 from mc_jax.runtime.session import Session
@@ -39,7 +40,7 @@ def _session_for_cli(args, model, nets, n_tokens: int, log):
                 or ("global" if kv_mode == "approx" else tc.get("position_mode", "compact")))
     budget = 1024 if args.budget is None else int(args.budget)  # generate's default is None
     K = gist.config.block_size
-    floor = K * (DecodeConfig.protected_blocks + 2) - 1
+    floor = min_budget(K, DecodeConfig.protected_blocks)
     if not floor <= budget <= model.cfg.max_seq_len:
         raise InputError(
             f"--budget {budget}: must be between {floor} (a protected block, the open block and "

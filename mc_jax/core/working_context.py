@@ -67,7 +67,7 @@ class WCConfig:
             raise ConfigError(f"block_size must be >= 2, got {K}")
         if self.protected_blocks < 0:
             raise ConfigError(f"protected_blocks must be >= 0, got {self.protected_blocks}")
-        floor = K * self.protected_blocks + 2 * K - 1
+        floor = min_budget(K, self.protected_blocks)
         if self.w_max < floor:
             raise ConfigError(
                 f"w_max={self.w_max} is too small: {self.protected_blocks} protected blocks, "
@@ -85,6 +85,12 @@ class WCConfig:
     def max_entries(self) -> int:
         """E_max: every entry but the open one costs >= 1, so w_max + 1 rows always suffice."""
         return self.w_max + 1
+
+
+def min_budget(block_size: int, protected_blocks: int) -> int:
+    """The smallest legal w_max: the protected raw blocks, the open block (up to K - 1 tokens)
+    and one incoming block."""
+    return block_size * (protected_blocks + 2) - 1
 
 
 def min_cost(num_tokens: int, cfg: WCConfig) -> int:
