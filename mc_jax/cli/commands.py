@@ -133,9 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--policy", default="lens",
-                   choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "oracle"],
-                   help="context policy (default lens); full, truncate, sinks and meanpool "
-                        "answer a --question only")
+                   choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "oracle",
+                            "bm25", "needle_oracle"],
+                   help="context policy (default lens); full, truncate, sinks, meanpool, bm25 "
+                        "(history blocks BM25 ranks against the question kept raw) and "
+                        "needle_oracle (the --needle's blocks kept raw) answer a --question only")
+    p.add_argument("--needle", default=None, metavar="TEXT",
+                   help="with --policy needle_oracle: a string of the history (its first "
+                        "occurrence); the blocks covering its tokens are kept raw")
     p.add_argument("--telemetry", default=None, help="write per-block telemetry JSONL here")
     _add_runtime_args(p)
     _add_base(p)

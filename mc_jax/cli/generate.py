@@ -136,6 +136,33 @@ def generate_cli(args) -> int:
 
 
 BASE_ONLY = ("full", "truncate", "sinks")
+RETRIEVAL = ("bm25", "needle_oracle")
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+def needle_token_span(tokenizer, text: str, ids, needle: str) -> tuple[int, int]:
+    """Token span [start, end) of the first occurrence of `needle` in `text` (whose ids are
+    `ids`, `tokenizer.encode(text)`): found by character offset, mapped to tokens by encoding the
+    text before and through it. Where a token straddles the needle's first or last character it
+    is included. InputError if the needle does not occur."""
+    c0 = text.find(needle)
+    if not needle or c0 < 0:
+        raise InputError(f"--needle {needle!r} does not occur in the history (--input); give a "
+                         "string copied from it")
+    c1 = c0 + len(needle)
+    ids = np.asarray(ids)
+    before = tokenizer.encode(text[:c0]) if c0 else []
+    through = tokenizer.encode(text[:c1])
+    start = _common_prefix(before, ids)  # a token that straddles c0 starts before it
+    end = _common_prefix(through, ids)
+    if end < len(through):  # ids[end] straddles the needle's end
+        end += 1
+    return start, max(min(end, len(ids)), start + 1)
 
 
 def _answer_cli(args, text: str, log) -> int:
@@ -150,7 +177,16 @@ def _answer_cli(args, text: str, log) -> int:
     if policy == "oracle":
         raise InputError("--policy oracle cannot answer: it picks its focus by the NLL of the "
                          "tokens it scores (a perplexity bound), and an answer's tokens are not "
-                         "known in advance; use lens, recency, meanpool, full, truncate or sinks")
+                         "known in advance; use lens, recency, meanpool, bm25, needle_oracle, "
+                         "full, truncate or sinks")
+    needle = getattr(args, "needle", None)
+    if policy == "needle_oracle" and needle is None:
+        raise InputError("--policy needle_oracle needs --needle TEXT: a string of the history "
+                         "(where the answer is) whose blocks it keeps raw")
+    if needle is not None and policy != "needle_oracle":
+        raise InputError(f"--needle is read by --policy needle_oracle only (not {policy})")
+    if needle is not None and not needle.strip():
+        raise InputError("--needle is empty")
     if not args.question.strip():
         raise InputError("--question is empty")
     if not text.strip():
@@ -161,7 +197,8 @@ def _answer_cli(args, text: str, log) -> int:
     chat = not args.no_chat
     q = args.question if chat else plain_question(args.question)
     pr = build_prompt(model.tokenizer, q, chat=chat, answer_prefix=args.answer_prefix)
-    ids = np.asarray(model.tokenizer.encode(text.rstrip()), np.int32)
+    text = text.rstrip()
+    ids = np.asarray(model.tokenizer.encode(text), np.int32)
     n_new = int(args.max_new_tokens)
     log(f"[mc-jax] question prompt: {'chat template' if pr.chat else 'plain'}, "
         f"{len(pr.head)} + {len(ids)} history + {len(pr.tail)} tokens")
@@ -175,6 +212,8 @@ def _answer_cli(args, text: str, log) -> int:
                                                             answer_prefix=args.answer_prefix)
         except NotApplicable as e:
             raise InputError(f"--policy {policy}: {e}") from e
+    elif policy in RETRIEVAL:
+        ans = _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log)
     else:
         if policy == "meanpool":
             gist, _, info = load_nets(model, None, need_trained=False, meanpool=True)
@@ -201,6 +240,43 @@ def _answer_cli(args, text: str, log) -> int:
     sys.stdout.write(ans + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> str:
+    """generate --question with bm25 / needle_oracle: the evaluators' policy objects (trained
+    GistNet gists, or mean-pool gists when no networks are installed and no --checkpoint is
+    given); logs which history blocks were kept raw."""
+    from mc_jax.eval.policies.protocol import K, NotApplicable
+    from mc_jax.eval.policies.registry import Unavailable, make_policy
+
+    gold = None
+    if policy == "needle_oracle":
+        a, b = needle_token_span(model.tokenizer, text, ids, args.needle)
+        gold = list(range(a // K, -(-b // K)))
+        log(f"[mc-jax] --needle: history tokens [{a}, {b}), blocks {gold}")
+    budget = 1024 if args.budget is None else int(args.budget)
+    kw = {"position_mode": args.position_mode} if getattr(args, "position_mode", None) else {}
+    try:
+        try:
+            p = make_policy(policy, model, budget, checkpoint=args.checkpoint, **kw)
+            nets = args.checkpoint or "the shipped GistNet"
+        except Unavailable as e:
+            if args.checkpoint is not None:
+                raise InputError(f"--policy {policy}: {e}") from e
+            log(f"[mc-jax] {e}: using mean-pool gists")
+            p = make_policy(policy, model, budget, gists="meanpool", **kw)
+            nets = "mean-pool gists"
+        log(f"[mc-jax] policy {policy}, budget {budget}, recency focus with {nets}")
+        ans = p.answer(ids, q, n_new, chat=chat, answer_prefix=args.answer_prefix,
+                       gold_blocks=gold)
+    except NotApplicable as e:
+        raise InputError(f"--policy {policy}: {e}") from e
+    f = p.last_focus
+    n_hist = len(ids) // K
+    log(f"[mc-jax] {policy}: kept raw blocks {f['kept']} (best first; block b = history tokens "
+        f"[{K}b, {K}b+{K})); the base read {len(f['raw_blocks'])} of {n_hist} complete history "
+        f"blocks raw: {f['raw_blocks']}")
+    return ans
 
 
 def score_cli(args) -> int:

@@ -21,6 +21,10 @@ Greedy and vectorised, as in SPEC section 2. One call (`allocate`) is one refocu
 New entries inherit a score for the rest of the step: an expansion's children take the
 parent's u; a collapsed group's parent takes the group mean.
 
+`keep_blocks_raw` (host side, not a refocus step) is the focus of the training-free retrieval
+policies: it makes a ranked list of blocks raw, collapsing the oldest other raw blocks (then
+LOD1 sibling groups) for room.
+
 Letters: E entry rows, A action-log rows (n_diff + forced slots), K block size.
 """
 from __future__ import annotations
@@ -215,3 +219,73 @@ def recency_step(wc: WorkingContext, wcfg: WCConfig, incoming=None) -> WorkingCo
     incoming = jnp.clip(jnp.asarray(K if incoming is None else incoming, jnp.int32), 0, K)
     out = wcm.build_recency(wc.num_tokens, wcfg, budget=wcfg.w_max - incoming)
     return out.replace(error=wc.error | out.error)
+
+
+# ----------------------------------------------------------------------------- keep blocks raw
+
+def _covering_entry(entries, b: int, K: int) -> int:
+    """Index of the entry (host table of `to_host_entries`) whose span holds block b."""
+    for i, (level, node, _, _) in enumerate(entries):
+        lo = node if level == 0 else node * K ** (level - 1)
+        hi = lo + (1 if level == 0 else K ** (level - 1))
+        if lo <= b < hi:
+            return i
+    raise ValueError(f"no entry covers block {b}")  # unreachable for a legal WC
+
+
+def _room_move(entries, target: int, kept, pstart: int, cfg: WCConfig) -> int | None:
+    """The collapse that makes room for the next expansion toward `target` (see
+    `keep_blocks_raw`), or None when there is none."""
+    K, last = cfg.block_size, len(entries) - 1
+    for i, (level, node, _, _) in enumerate(entries[:last]):
+        if level == 0 and node < pstart and node not in kept and node != target:
+            return i
+    if cfg.depth < 2:
+        return None
+    for i in range(last):
+        level, node = entries[i][:2]
+        if level != 1 or node % K or i + K > last:
+            continue
+        if all(entries[i + j][:2] == (1, node + j) for j in range(K)) \
+                and not node <= target < node + K and not any(node <= k < node + K for k in kept):
+            return i
+    return None
+
+
+def keep_blocks_raw(wc: WorkingContext, blocks, cfg: WCConfig) -> tuple[WorkingContext, list[int]]:
+    """Host side: make the ranked blocks (best first) raw (LOD0) in turn, as far as the budget
+    allows. -> (new WC, the blocks kept raw, in rank order).
+
+    For each block: the entry covering it is expanded (a level-l >= 2 gist into its K children,
+    then the LOD1 gist into the raw block) until the block is LOD0. Before each expansion (it
+    costs K - 1 positions: cost + K - 1 <= w_max) room is made by collapsing, oldest first, a
+    collapsible raw block (complete, unprotected LOD0) that is neither kept nor the target; if
+    there is none, a complete group of K sibling LOD1 gists holding neither a kept block nor the
+    target, oldest first. When no room can be made the walk stops there (the WC keeps the
+    expansions made so far toward that block, all legal). A block already raw counts as kept;
+    a repeated block, a block outside the complete history, or a protected block (raw anyway)
+    is skipped and not listed. Every move goes through `working_context.apply_move`, so every
+    move is checked legal. Not jit-able (a host loop, one jitted move per step)."""
+    K = cfg.block_size
+    entries = wcm.to_host_entries(wc)
+    pstart = int(jax.device_get(wc.num_tokens)) // K - cfg.protected_blocks
+    kept: list[int] = []
+    for b in blocks:
+        b = int(b)
+        if not 0 <= b < pstart or b in kept:
+            continue
+        while True:
+            e = _covering_entry(entries, b, K)
+            if entries[e][0] == 0:
+                kept.append(b)
+                break
+            cost = sum(c for _, _, c, _ in entries)
+            if cost + K - 1 > cfg.w_max:
+                c = _room_move(entries, b, kept, pstart, cfg)
+                if c is None:
+                    return wc, kept
+                wc = wcm.apply_move(wc, wcm.COLLAPSE, c, cfg)
+            else:
+                wc = wcm.apply_move(wc, wcm.EXPAND, e, cfg)
+            entries = wcm.to_host_entries(wc)
+    return wc, kept

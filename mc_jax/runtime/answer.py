@@ -97,7 +97,7 @@ def answer_after_wc(s, tail_ids, question_ids, max_new_tokens: int, head_ids=())
     return model.tokenizer.decode(out)
 
 
-def answer_question(s, pending_ids, prompt, max_new_tokens: int) -> str:
+def answer_question(s, pending_ids, prompt, max_new_tokens: int, refocus=None) -> str:
     """Question-aware greedy answer of the Session `s` (its history ingested up to a block
     boundary, `pending_ids` the partial block after it) to `prompt` (`mc_jax.base.chat.
     AnswerPrompt`): the first whole blocks of [pending || prompt.tail] (the question's, at most
@@ -106,19 +106,27 @@ def answer_question(s, pending_ids, prompt, max_new_tokens: int) -> str:
     the question is never folded into a gist. Whatever is left of the tail (a partial block, or
     blocks beyond protected_blocks) follows the WC raw, outside the budget, with prompt.head
     before the WC (`answer_after_wc`). The session's state is restored afterwards: the question
-    does not become history."""
+    does not become history.
+
+    refocus: an optional callable `refocus(s)`, called after the question's blocks are ingested
+    and before the WC is read; it may replace the WC (`s.state = s.state.replace(wc=new_wc)`,
+    a legal WC over the same tree), e.g. to keep blocks that match the question raw. It must
+    not advance the session (no ingest/step); the state is restored afterwards all the same."""
     K, P = s.cfg.block_size, s.cfg.protected_blocks
     if len(s.ids) % K:
         raise InputError("answer_question needs a session at a block boundary")
     post = np.concatenate([np.asarray(pending_ids, np.int32).reshape(-1),
                            np.asarray(prompt.tail, np.int32)])
     n_in = min(len(post) // K, P) * K
-    # the ingest step donates its state: keep a copy to restore
+    # the ingest step donates its state (and a refocus hook might): keep a copy to restore
+    copy = n_in or refocus is not None
     saved = (jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a,
-                          s.state) if n_in else s.state, list(s.ids))
+                          s.state) if copy else s.state, list(s.ids))
     try:
         if n_in:
             s.ingest(post[:n_in])
+        if refocus is not None:
+            refocus(s)
         return answer_after_wc(s, post[n_in:], np.zeros(0, np.int32), max_new_tokens,
                                head_ids=prompt.head)
     finally:

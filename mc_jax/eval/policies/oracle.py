@@ -126,7 +126,9 @@ class OraclePolicy(MegaContextPolicy):
     def _end_stream(self, s: Session) -> None:  # its counters are per scored block
         pass
 
-    def answer(self, history_ids, question, max_new_tokens: int, **kw) -> str:
+    def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
+               answer_prefix=None, gold_blocks=None) -> str:
+        self.last_focus = None
         raise NotApplicable("the oracle picks its focus by the NLL of the tokens it scores; it "
                             "does not know an answer's tokens in advance")
 

@@ -11,17 +11,26 @@ drives:
   predicted from the context plus block tokens < j). `blocks` lists the blocks to score (each
   >= 1 and complete; default: every complete block from 1). This is how the MegaContext runtime
   scores a block (refocus once per block), so base-only and MegaContext policies are comparable.
-- `answer(history_ids, question, max_new_tokens, *, chat=True, answer_prefix=None) -> str`:
+- `answer(history_ids, question, max_new_tokens, *, chat=True, answer_prefix=None,
+  gold_blocks=None) -> str`:
   greedy generation after [head || policy's context of the history || tail]
   (`mc_jax.base.chat.build_prompt`): with the base's chat template, the user turn holds
   [context || question] and the assistant turn starts with the answer prefix; chat=False (or no
   template) appends [question || prefix] verbatim. The question is the newest raw tokens; a
   MegaContext policy ingests its first blocks before it answers, so its focus sees them.
 
+  gold_blocks (keyword, optional): the history blocks that hold the answer, when the caller
+  knows them; only `needle_oracle` reads them. After each answer the policy's `last_focus` says
+  which history blocks the base read raw and, for a policy with a scorer, each block's score
+  (`mc_jax.eval.policies.protocol.Policy.answer`).
+
 Base-only policies (`mc_jax.eval.policies.window`): `full`, `truncate`, `sinks`. MegaContext
-policies over the runtime (`mc_jax.eval.policies.megacontext`, `mc_jax.eval.policies.oracle`):
-`recency`, `meanpool`, `lens`, `oracle`. A MegaContext policy whose trained networks are missing
-raises `Unavailable`, and the sweep records an "unavailable: <reason>" row instead of a number.
+policies over the runtime (`mc_jax.eval.policies.megacontext`, `mc_jax.eval.policies.oracle`,
+`mc_jax.eval.policies.retrieval`): `recency`, `meanpool`, `lens`, `oracle`, and the
+training-free retrieval references `bm25` (BM25-ranked blocks kept raw) and `needle_oracle` (the
+caller's gold blocks kept raw; answers only). A MegaContext policy whose trained networks are
+missing raises `Unavailable`, and the sweep records an "unavailable: <reason>" row instead of a
+number (`bm25` and `needle_oracle` take `gists="meanpool"` to run without them).
 
 Shape letters: N document tokens, B scored blocks, K block size.
 """
@@ -34,10 +43,11 @@ from mc_jax.errors import InputError, MissingResourceError
 from mc_jax.eval.policies import window
 from mc_jax.eval.policies.megacontext import MEGACONTEXT_POLICIES, make_megacontext_policy
 from mc_jax.eval.policies.oracle import make_oracle_policy
+from mc_jax.eval.policies.retrieval import RETRIEVAL_POLICIES, make_retrieval_policy
 # K, NotApplicable and Unavailable are re-exported: evaluators and the sweep use them from here
 from mc_jax.eval.policies.protocol import K, NotApplicable, Policy, Unavailable  # noqa: F401
 
-MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle",)
+MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle",) + RETRIEVAL_POLICIES
 
 _POLICIES: dict[str, Callable[..., Policy]] = {
     "truncate": window.TruncatePolicy,
@@ -69,6 +79,8 @@ def _megacontext_factory(name: str):
         try:
             if name == "oracle":
                 return make_oracle_policy(model, budget, checkpoint=checkpoint, **kw)
+            if name in RETRIEVAL_POLICIES:
+                return make_retrieval_policy(name, model, budget, checkpoint=checkpoint, **kw)
             return make_megacontext_policy(name, model, budget, checkpoint=checkpoint, **kw)
         except (NotImplementedError, MissingResourceError) as e:
             raise Unavailable(f"MegaContext policy {name!r}: {e}") from e

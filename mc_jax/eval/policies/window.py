@@ -22,7 +22,7 @@ from mc_jax.base import base_model as bm
 from mc_jax.base import sampling
 from mc_jax.base.chat import build_prompt
 from mc_jax.errors import InputError
-from mc_jax.eval.policies.protocol import K, NotApplicable, check_blocks
+from mc_jax.eval.policies.protocol import K, NotApplicable, blocks_touched, check_blocks
 
 N_SINKS = 4
 
@@ -105,6 +105,7 @@ class WindowPolicy:
         if budget < 1:
             raise InputError(f"budget must be >= 1, got {budget}")
         self.model, self.budget = model, int(budget)
+        self.last_focus: dict | None = None
 
     def keep(self, history_N: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -129,17 +130,22 @@ class WindowPolicy:
         return out
 
     def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
-               answer_prefix=None) -> str:
+               answer_prefix=None, gold_blocks=None) -> str:
         """Greedy answer after [head || kept history || tail] (`mc_jax.base.chat.build_prompt`:
         the chat template's user turn around [window || question] and the assistant turn's
         answer prefix; chat=False or no template: [window || question || prefix]). The window is
         chosen from the history alone (a base-only policy has no focus); head and tail sit
-        outside the budget W."""
+        outside the budget W. gold_blocks is ignored. last_focus: the blocks with any token in
+        the window raw, no block scores."""
+        self.last_focus = None
         hist = bm.check_token_ids(history_ids, self.model.cfg)
         pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
         prompt = pr.around(self.keep(hist))
-        return greedy_answer(self.model, prompt, max_new_tokens,
-                             pad_to=self.budget + _round_up(len(pr.head) + len(pr.tail), 64))
+        out = greedy_answer(self.model, prompt, max_new_tokens,
+                            pad_to=self.budget + _round_up(len(pr.head) + len(pr.tail), 64))
+        kept_idx = self.keep(np.arange(len(hist)))  # the same selection, of token indices
+        self.last_focus = {"raw_blocks": blocks_touched(kept_idx), "block_scores": None}
+        return out
 
 
 class TruncatePolicy(WindowPolicy):
@@ -183,6 +189,7 @@ class FullPolicy:
         self.model, self.budget, self.name = model, budget, "full"
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self._memo: dict[str, np.ndarray] = {}
+        self.last_focus: dict | None = None
 
     def _doc_nll(self, ids_N: np.ndarray) -> np.ndarray:
         digest = hashlib.sha1(ids_N.tobytes()).hexdigest()
@@ -216,12 +223,17 @@ class FullPolicy:
         return np.stack([nll[b * K - 1:(b + 1) * K - 1] for b in blocks])
 
     def answer(self, history_ids, question, max_new_tokens: int, *, chat: bool = True,
-               answer_prefix=None) -> str:
-        """Greedy answer after [head || whole history || tail] (see `WindowPolicy.answer`)."""
+               answer_prefix=None, gold_blocks=None) -> str:
+        """Greedy answer after [head || whole history || tail] (see `WindowPolicy.answer`).
+        last_focus: every block of the history raw (a partial last one too), no scores."""
+        self.last_focus = None
         pr = build_prompt(self.model.tokenizer, question, chat=chat, answer_prefix=answer_prefix)
-        prompt = pr.around(bm.check_token_ids(history_ids, self.model.cfg))
+        hist = bm.check_token_ids(history_ids, self.model.cfg)
+        prompt = pr.around(hist)
         if len(prompt) + max_new_tokens > self.max_len:
             raise NotApplicable(f"history + question + answer = {len(prompt) + max_new_tokens} "
                                 f"tokens exceed the full-context limit {self.max_len}")
-        return greedy_answer(self.model, prompt, max_new_tokens,
-                             pad_to=_round_up(len(prompt), 64), chunk=self.chunk)
+        out = greedy_answer(self.model, prompt, max_new_tokens,
+                            pad_to=_round_up(len(prompt), 64), chunk=self.chunk)
+        self.last_focus = {"raw_blocks": list(range(-(-len(hist) // K))), "block_scores": None}
+        return out
