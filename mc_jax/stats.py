@@ -77,3 +77,17 @@ def bootstrap_spearman_diff(u_a, u_b, d, groups=None, *, reps: int = 1000, seed:
     draws = _bootstrap_draws(len(d), groups, reps, np.random.default_rng(seed))
     boot = [spearman(u_a[i], d[i]) - spearman(u_b[i], d[i]) for i in draws]
     return [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval (z = 1.96) of a proportion: `successes` of `n` trials. Exact
+    Wilson for whole counts (scipy's `binomtest(k, n).proportion_ci(method="wilson")` gives the
+    same); a fractional count (partial-credit scores summed) is used as is, an approximation.
+    n = 0 gives (nan, nan)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = float(successes) / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -43,7 +43,7 @@ TABLE = "results.md"
 
 # config keys whose value is a list (a string there would be iterated character by character)
 LIST_KEYS = ("evaluators", "policies", "budgets", "docs", "history_mults", "fillers", "depths",
-             "placements", "seeds", "levels")
+             "placements", "seeds", "levels", "tasks", "lengths")
 
 
 def load_config(spec: str) -> tuple[dict, str, str | None]:
