@@ -16,9 +16,10 @@ Case i has depth `DEPTHS[i % 5]` and straddles a block boundary when i is odd, s
 every (depth, placement) pair twice.
 
 Policies at W: full (when history + question + answer fit the base's 8,192 positions: here the
-2k and 4k histories), truncate, sinks, recency, lens (the shipped networks), bm25 and
-needle_oracle (training-free references: BM25-ranked blocks raw / the gold blocks raw, the rest
-recency gists).
+2k and 4k histories), truncate, sinks, recency, lens (the shipped networks), and the
+training-free references bm25 (BM25-ranked blocks raw), retrieve (the blocks the base's own
+attention from the question finds, raw: issue 19) and needle_oracle (the gold blocks raw), each
+with the rest as recency gists.
 
 Prompt style, decided before any RULER answer on SmolLM2 was seen (the rule is fixed here; its
 outcome is in experiments/results/cpu_ruler_chat_probe): the `chat_probe` variant asks the
@@ -36,7 +37,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GENESIS = str(DATA / "kjv_genesis.txt")
-POLICIES = ["full", "truncate", "sinks", "recency", "bm25", "lens", "needle_oracle"]
+POLICIES = ["full", "truncate", "sinks", "recency", "bm25", "retrieve", "lens", "needle_oracle"]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 TASKS = [dict(task="niah_single", label="niah_single", haystack="noise"),
          dict(task="niah_multikey", label="niah_multikey", haystack="prose", text=GENESIS),

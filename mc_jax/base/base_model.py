@@ -183,7 +183,8 @@ def _attend(q_BxTxNxF, k_BxSxGxF, v_BxSxGxF, mask_BxTxS):
 
 def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_BxT=None,
             sigma_BxT=None, cache: KVCache | None = None, cache_index=None,
-            return_hidden: bool = False, adapter=None, adapt_BxT=None):
+            return_hidden: bool = False, adapter=None, adapt_BxT=None,
+            capture_qk: int | None = None):
     """Run the decoder.
 
     inputs: token ids [B, T] (int) or input embeddings [B, T, D] (float).
@@ -197,6 +198,8 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
       maps at the rows where adapt_BxT is True only (the gist slots). Rows where it is False are
       computed exactly as without an adapter, so a context with no gists is the frozen base.
       adapt_BxT is ignored without an adapter.
+    capture_qk: an int n runs only the first n layers (without a cache) and returns their queries
+      and keys before RoPE, (q [n, B, T, N, F], k [n, B, T, G, F]) (`layer_qk`).
     Returns (logits_BxTxV float32, new cache or None) — or the final hidden states instead of the
     logits when return_hidden.
     """
@@ -238,7 +241,7 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
             y = y + gate_BxTx1 * delta
         return y
 
-    def layer(x, inputs_l):
+    def layer(x, inputs_l, capture=False):
         w, k_cache_l, v_cache_l = inputs_l
         h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
         q = lin("wq", h, w)
@@ -249,6 +252,7 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         q, k, v = q.reshape(B, T, N, F), k.reshape(B, T, G, F), v.reshape(B, T, G, F)
         if "q_norm" in w:  # Qwen3-style per-head q/k RMSNorm
             q, k = rms_norm(q, w["q_norm"], cfg.rms_eps), rms_norm(k, w["k_norm"], cfg.rms_eps)
+        pre_qk = (q, k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache_l is not None:
             k_all = jax.lax.dynamic_update_slice(k_cache_l, k.astype(k_cache_l.dtype), (0, idx, 0, 0))
@@ -261,8 +265,14 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         gate = lin("w_gate", h, w)
         up = lin("w_up", h, w)
         x = x + lin("w_down", jax.nn.silu(gate) * up, w)
+        if capture:
+            return x, pre_qk
         return x, (k_all, v_all) if k_cache_l is not None else None
 
+    if capture_qk is not None:  # the first capture_qk layers only, their pre-RoPE q and k
+        lp_n = jax.tree.map(lambda a: a[:capture_qk], lp)
+        _, qk = jax.lax.scan(lambda x, w: layer(x, (w, None, None), True), x_BxTxD, lp_n)
+        return qk
     if cache is None:
         x_BxTxD, _ = jax.lax.scan(lambda x, w: layer(x, (w, None, None)), x_BxTxD, lp)
         new_cache = None
@@ -273,6 +283,17 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
     if return_hidden:
         return h_BxTxD, new_cache
     return lm_head(params, cfg, h_BxTxD), new_cache
+
+
+def layer_qk(params: Params, cfg: LlamaConfig, ids_BxT, positions_BxT, n_layers: int,
+             valid_BxT=None):
+    """Queries and keys before RoPE of the first `n_layers` layers for token ids [B, T] at the
+    given positions (causal attention over the T inputs): (q [n, B, T, N, F], k [n, B, T, G, F]).
+    The retrieval features read them (`mc_jax.eval.policies.retrieve`)."""
+    if not 1 <= int(n_layers) <= cfg.n_layers:
+        raise ValueError(f"n_layers must be in [1, {cfg.n_layers}], got {n_layers}")
+    return forward(params, cfg, ids_BxT, positions_BxT, valid_BxT=valid_BxT,
+                   capture_qk=int(n_layers))
 
 
 def lm_head(params: Params, cfg: LlamaConfig, h_xD):

@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--policy", default="lens",
                    choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "oracle",
-                            "bm25", "needle_oracle"],
+                            "bm25", "retrieve", "needle_oracle"],
                    help="context policy (default lens); full, truncate, sinks, meanpool, bm25 "
-                        "(history blocks BM25 ranks against the question kept raw) and "
+                        "(history blocks BM25 ranks against the question kept raw), retrieve (the blocks "
+                        "the base's own attention from the question finds, kept raw) and "
                         "needle_oracle (the --needle's blocks kept raw) answer a --question only")
     p.add_argument("--needle", default=None, metavar="TEXT",
                    help="with --policy needle_oracle: a string of the history (its first "

@@ -136,7 +136,7 @@ def generate_cli(args) -> int:
 
 
 BASE_ONLY = ("full", "truncate", "sinks")
-RETRIEVAL = ("bm25", "needle_oracle")
+RETRIEVAL = ("bm25", "needle_oracle", "retrieve")
 
 
 def _common_prefix(a, b) -> int:
@@ -177,7 +177,8 @@ def _answer_cli(args, text: str, log) -> int:
     if policy == "oracle":
         raise InputError("--policy oracle cannot answer: it picks its focus by the NLL of the "
                          "tokens it scores (a perplexity bound), and an answer's tokens are not "
-                         "known in advance; use lens, recency, meanpool, bm25, needle_oracle, "
+                         "known in advance; use lens, recency, meanpool, bm25, retrieve, "
+                         "needle_oracle, "
                          "full, truncate or sinks")
     needle = getattr(args, "needle", None)
     if policy == "needle_oracle" and needle is None:
@@ -243,7 +244,7 @@ def _answer_cli(args, text: str, log) -> int:
 
 
 def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> str:
-    """generate --question with bm25 / needle_oracle: the evaluators' policy objects (trained
+    """generate --question with bm25 / retrieve / needle_oracle: the evaluators' policy objects (trained
     GistNet gists, or mean-pool gists when no networks are installed and no --checkpoint is
     given); logs which history blocks were kept raw."""
     from mc_jax.eval.policies.protocol import K, NotApplicable

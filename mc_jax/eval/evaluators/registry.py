@@ -89,8 +89,8 @@ def short_status(s: str) -> str:
     return s if len(s) < 90 else s[:87] + "..."
 
 
-POLICY_ORDER = ["full", "truncate", "sinks", "recency", "meanpool", "bm25", "lens", "needle_oracle",
-                "oracle"]
+POLICY_ORDER = ["full", "truncate", "sinks", "recency", "meanpool", "bm25", "retrieve", "lens",
+                "needle_oracle", "oracle"]
 
 
 def policy_order(p):

@@ -30,7 +30,9 @@ policies over the runtime (`mc_jax.eval.policies.megacontext`, `mc_jax.eval.poli
 training-free retrieval references `bm25` (BM25-ranked blocks kept raw) and `needle_oracle` (the
 caller's gold blocks kept raw; answers only). A MegaContext policy whose trained networks are
 missing raises `Unavailable`, and the sweep records an "unavailable: <reason>" row instead of a
-number (`bm25` and `needle_oracle` take `gists="meanpool"` to run without them).
+number (`bm25` and `needle_oracle` take `gists="meanpool"` to run without them). `retrieve`
+(`mc_jax.eval.policies.retrieve`, issue 19's training-free reference) finds blocks with the base's
+own attention from the question and keeps them raw the same way.
 
 Shape letters: N document tokens, B scored blocks, K block size.
 """
@@ -44,10 +46,11 @@ from mc_jax.eval.policies import window
 from mc_jax.eval.policies.megacontext import MEGACONTEXT_POLICIES, make_megacontext_policy
 from mc_jax.eval.policies.oracle import make_oracle_policy
 from mc_jax.eval.policies.retrieval import RETRIEVAL_POLICIES, make_retrieval_policy
+from mc_jax.eval.policies.retrieve import make_retrieve_policy
 # K, NotApplicable and Unavailable are re-exported: evaluators and the sweep use them from here
 from mc_jax.eval.policies.protocol import K, NotApplicable, Policy, Unavailable  # noqa: F401
 
-MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle",) + RETRIEVAL_POLICIES
+MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle", "retrieve") + RETRIEVAL_POLICIES
 
 _POLICIES: dict[str, Callable[..., Policy]] = {
     "truncate": window.TruncatePolicy,
@@ -79,6 +82,8 @@ def _megacontext_factory(name: str):
         try:
             if name == "oracle":
                 return make_oracle_policy(model, budget, checkpoint=checkpoint, **kw)
+            if name == "retrieve":
+                return make_retrieve_policy(model, budget, checkpoint=checkpoint, **kw)
             if name in RETRIEVAL_POLICIES:
                 return make_retrieval_policy(name, model, budget, checkpoint=checkpoint, **kw)
             return make_megacontext_policy(name, model, budget, checkpoint=checkpoint, **kw)

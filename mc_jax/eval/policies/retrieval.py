@@ -38,8 +38,11 @@ GISTS = ("trained", "meanpool")
 
 def bm25_scores(blocks_BxK: np.ndarray, query_ids) -> np.ndarray:
     """BM25 score [B] of each block (a document of its token ids) for the query's token ids."""
+    import logging
+
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     blocks_BxK = np.asarray(blocks_BxK)
     if len(blocks_BxK) == 0:
         return np.zeros(0, np.float32)
@@ -108,20 +111,27 @@ class NeedleOraclePolicy(RetrievalPolicy):
         return [int(b) for b in gold_blocks], None
 
 
-def make_retrieval_policy(name: str, base_model, budget: int, checkpoint=None, *,
-                          gists: str = "trained", **kw) -> RetrievalPolicy:
-    """The evaluator's `bm25` or `needle_oracle`. gists: "trained" (the GistNet of
+def make_gists(base_model, budget: int, checkpoint, gists: str, kw: dict):
+    """(GistNet, Session kwargs) of a retrieval policy. gists: "trained" (the GistNet of
     `checkpoint`, default the shipped one; MissingResourceError without it) or "meanpool"
-    (mean-pool gists, no training). kw: Session arguments, as for `make_megacontext_policy`."""
-    if name not in RETRIEVAL_POLICIES:
-        raise NotImplementedError(f"unknown retrieval policy {name!r}")
+    (mean-pool gists, no training)."""
     if gists == "meanpool":
         depth = kw.get("depth", 2)
         _check_budget(budget, depth)
         gist, _, _ = load_nets(base_model, None, need_trained=False, meanpool=True, depth=depth)
-    elif gists == "trained":
+        return gist, kw
+    if gists == "trained":
         gist, _, kw = trained_networks(base_model, budget, checkpoint, kw)
-    else:
-        raise InputError(f"gists={gists!r}: use one of {', '.join(GISTS)}")
+        return gist, kw
+    raise InputError(f"gists={gists!r}: use one of {', '.join(GISTS)}")
+
+
+def make_retrieval_policy(name: str, base_model, budget: int, checkpoint=None, *,
+                          gists: str = "trained", **kw) -> RetrievalPolicy:
+    """The evaluator's `bm25` or `needle_oracle` (gists: see `make_gists`). kw: Session
+    arguments, as for `make_megacontext_policy`."""
+    if name not in RETRIEVAL_POLICIES:
+        raise NotImplementedError(f"unknown retrieval policy {name!r}")
+    gist, kw = make_gists(base_model, budget, checkpoint, gists, kw)
     cls = BM25Policy if name == "bm25" else NeedleOraclePolicy
     return cls(base_model, budget, gist, **kw)
