@@ -35,6 +35,7 @@ from mc_jax.eval.policies.retrieval import RetrievalPolicy, make_gists
 # (layer, query head) pairs, from experiments/retrieval_heads (see its README for the probe)
 HEADS: tuple[tuple[int, int], ...] = ((14, 3), (17, 3), (17, 5))
 WINDOW, DELTA = 512, 512
+_KEYS: dict = {}  # the last history's keys (one entry), memoised across policy instances
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_layers"))
@@ -124,7 +125,6 @@ class RetrievePolicy(RetrievalPolicy):
         self.heads = tuple((int(a), int(b)) for a, b in heads)
         self.top, self.window, self.delta = int(top), int(window), int(delta)
         self._layers = sorted({layer for layer, _ in self.heads})
-        self._memo: dict = {}
 
     def _prefix(self):
         from mc_jax.base.chat import build_prompt
@@ -138,12 +138,14 @@ class RetrievePolicy(RetrievalPolicy):
         """Summed attention mass per complete history block [n] (memoised per history)."""
         K = self.K
         n_layers = self._layers[-1] + 1
-        digest = hashlib.sha1(np.asarray(history_ids, np.int32).tobytes()).hexdigest()
-        if digest not in self._memo:
+        digest = (hashlib.sha1(np.asarray(history_ids, np.int32).tobytes()).hexdigest(),
+                  id(self.model.params), tuple(self._layers), self.window)
+        if digest not in _KEYS:  # shared by the policies of every budget (a sweep's W loop)
             k = history_keys(self.model, history_ids, n_layers, window=self.window,
                              prefix=self._prefix(), K=K)
-            self._memo = {digest: k[self._layers]}  # keep the selected layers only
-        k = self._memo[digest]
+            _KEYS.clear()
+            _KEYS[digest] = k[self._layers]  # keep the selected layers only
+        k = _KEYS[digest]
         q = question_queries(self.model, np.asarray(history_ids)[:len(history_ids) // K * K],
                              question_ids, n_layers, window=self.window, prefix=self._prefix())
         return head_scores(q[self._layers], k, self.heads, self.model.cfg, self.delta,
