@@ -258,8 +258,8 @@ class RulerEvaluator(Evaluator):
             pols = sorted({k[2] for k in cells if k[:2] == (t, W)}, key=policy_order)
             depths = sorted({k[3] for k in cells if k[:2] == (t, W)})
             lengths = sorted({k[4] for k in cells if k[:2] == (t, W)})
-            fig, axes = plt.subplots(1, len(pols), figsize=(2.2 * len(pols) + 1, 2.8),
-                                     squeeze=False)
+            fig, axes = plt.subplots(1, len(pols), figsize=(2.2 * len(pols) + 1, 3.2),
+                                     squeeze=False, constrained_layout=True)
             for ax, p in zip(axes[0], pols):
                 grid = np.full((len(depths), len(lengths)), np.nan)
                 for i, d in enumerate(depths):
