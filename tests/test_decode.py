@@ -81,6 +81,8 @@ def _reference(session, ids, n_ingest, n_teacher, n_greedy):
     # the library pieces are jitted one by one (an unjitted lax loop retraces on every call);
     # what is under test (cache sync, chunked recompute, block forward, state) is not used here
     fwd = jax.jit(lambda x, p, v: bm.forward(params, bcfg, x, p, valid_BxT=v))
+    materialise = jax.jit(lambda wc, tree: mat.materialise_tree(wc, tree, embed, wcfg,
+                                                                rt.cfg.position_mode))
 
     @jax.jit
     def ingest(tree, wc, block_ids):
@@ -89,32 +91,36 @@ def _reference(session, ids, n_ingest, n_teacher, n_greedy):
         u, _ = lens_scores(rt, nets, st.replace(tree=tree, wc=wc))
         return tree, fm.allocate(wc, u, wcfg, rt.cfg.focus, incoming=K)[0]
 
+    # the padded inputs are put together on the host (numpy): eager jnp ops on the growing
+    # [WC || block] would compile anew for every length
+    emb_table = np.asarray(params["embed"])
     toks_out, nll_out = [], []
     for b in range(n_ingest + n_teacher + n_greedy):
         if b >= n_ingest:
-            m = mat.materialise_tree(wc, tree, embed, wcfg, rt.cfg.position_mode)
+            m = materialise(wc, tree)
             cost = int(wc.total_cost())
-            x, pos = m.x_WxD[:cost], m.pos_W[:cost]
+            x, pos = np.asarray(m.x_WxD)[:cost], np.asarray(m.pos_W)[:cost]
             T = wcfg.w_max + K  # one padded shape, so the unjitted forward compiles once
             teach = b < n_ingest + n_teacher
             block = list(ids[b * K:(b + 1) * K]) if teach else []
 
             def run(blk):
-                seq = jnp.concatenate([x, embed(jnp.asarray(blk, jnp.int32).reshape(-1))])
-                p = jnp.concatenate([pos, cost + jnp.arange(len(blk), dtype=jnp.int32)])
+                seq = np.concatenate([x, emb_table[np.asarray(blk, np.int32).reshape(-1)]])
+                p = np.concatenate([pos, cost + np.arange(len(blk), dtype=np.int32)])
                 n = seq.shape[0]
-                seq = jnp.pad(seq, ((0, T - n), (0, 0)))
-                p = jnp.pad(p, (0, T - n))
-                valid = jnp.arange(T) < n
-                return fwd(seq[None], p[None], valid[None])[0][0]
+                seq = np.pad(seq, ((0, T - n), (0, 0)))
+                p = np.pad(p, (0, T - n))
+                valid = np.arange(T) < n
+                return np.asarray(fwd(seq[None], p[None], valid[None])[0][0])
 
             nll = []
             if teach:
                 pred = run(block)[cost - 1:cost + K - 1]
-                nll = list(np.asarray(bm.token_nll(pred[None], jnp.asarray(block)[None])[0]))
+                nll = list(np.asarray(bm.token_nll(jnp.asarray(pred)[None],
+                                                   jnp.asarray(block)[None])[0]))
             else:
                 for j in range(K):
-                    block.append(int(jnp.argmax(run(block)[cost + j - 1])))
+                    block.append(int(jnp.argmax(jnp.asarray(run(block)[cost + j - 1]))))
             toks_out.append(block)
             nll_out.append(nll)
         block_ids = jnp.asarray(ids[b * K:(b + 1) * K] if b < n_ingest + n_teacher

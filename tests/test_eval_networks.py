@@ -19,34 +19,43 @@ def _setup():
     return p, ids
 
 
-def _nll_of_embeddings(p, x, targets):
+@jax.jit  # one compile per sequence length (op-by-op, every slice and concat compiles anew)
+def _nll_of_embeddings_(p, x, targets):
     T = x.shape[0]
     lg, _ = bm.forward(p, CFG, x[None], jnp.arange(T)[None])
     n = len(targets)
-    return float(bm.token_nll(lg[0, T - n - 1:T - 1], jnp.asarray(targets)).mean())
+    return bm.token_nll(lg[0, T - n - 1:T - 1], targets).mean()
+
+
+def _nll_of_embeddings(p, x, targets):
+    return float(_nll_of_embeddings_(p, jnp.asarray(x), jnp.asarray(targets)))
 
 
 def test_lod1_substitution_matches_a_hand_built_sequence():
     p, ids = _setup()
     gist = lambda level, x: x.mean(-2) * 3.0  # noqa: E731 - any deterministic gist function
+    # every substitution_nll call below scores the same two blocks (row 0: block 1), so all
+    # share one shape: one compile of the packed forward
     got = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1, 2], horizon=H)
-    emb = bm.embed_tokens(p, jnp.asarray(ids))
+    emb = np.asarray(bm.embed_tokens(p, jnp.asarray(ids)))  # sliced on the host: no compiles
     for i, b in enumerate([1, 2]):
-        g = emb[b * 32:(b + 1) * 32].mean(0) * 3.0
-        x = jnp.concatenate([emb[:b * 32], g[None], emb[(b + 1) * 32:]])
+        g = jnp.asarray(emb[b * 32:(b + 1) * 32]).mean(0) * 3.0
+        x = np.concatenate([emb[:b * 32], np.asarray(g)[None], emb[(b + 1) * 32:]])
         np.testing.assert_allclose(got[i], _nll_of_embeddings(p, x, ids[-H:]), atol=1e-4)
-    dropped = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1], horizon=H, drop=True)
-    x = jnp.concatenate([emb[:32], emb[64:]])
+    dropped = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1, 2], horizon=H,
+                               drop=True)
+    x = np.concatenate([emb[:32], emb[64:]])
     np.testing.assert_allclose(dropped[0], _nll_of_embeddings(p, x, ids[-H:]), atol=1e-4)
     np.testing.assert_allclose(raw_nll(p, CFG, ids, H), _nll_of_embeddings(p, emb, ids[-H:]),
                                atol=1e-4)
 
     # the content control: gists of another text in the same place
     other = np.asarray(jax.random.randint(jax.random.PRNGKey(2), ids.shape, 0, 256), np.int32)
-    shuffled = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1], horizon=H,
+    shuffled = substitution_nll(p, CFG, gist, ids, level=1, blocks=[1, 2], horizon=H,
                                 gists_from=other)
-    oemb = bm.embed_tokens(p, jnp.asarray(other))
-    x = jnp.concatenate([emb[:32], (oemb[32:64].mean(0) * 3.0)[None], emb[64:]])
+    oemb = np.asarray(bm.embed_tokens(p, jnp.asarray(other)))
+    x = np.concatenate([emb[:32], np.asarray(jnp.asarray(oemb[32:64]).mean(0) * 3.0)[None],
+                        emb[64:]])
     np.testing.assert_allclose(shuffled[0], _nll_of_embeddings(p, x, ids[-H:]), atol=1e-4)
     assert abs(shuffled[0] - got[0]) > 1e-4
 

@@ -62,8 +62,10 @@ def test_fit_lowers_the_loss_and_exports_a_loadable_checkpoint(measured, tmp_pat
     assert info["x"] == 1
     w = {k: jnp.asarray(v[0]) for k, v in labels.items()}
     from flax import nnx
-    u_loaded, _ = lens_fit.edit_scores_of(nnx.split(lens)[1], w, m2)
-    u_fit, _ = lens_fit.edit_scores_of(lens_state, w, m2)
+    # jitted (op by op, each call compiled every LensNet op anew); the same function for both
+    scores_of = jax.jit(lambda ls, w_: lens_fit.edit_scores_of(ls, w_, m2))
+    u_loaded, _ = scores_of(nnx.split(lens)[1], w)
+    u_fit, _ = scores_of(lens_state, w)
     np.testing.assert_allclose(np.asarray(u_loaded), np.asarray(u_fit), atol=0.02)  # bf16 export
 
 

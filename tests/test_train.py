@@ -84,16 +84,15 @@ def test_substitution_wcs_train_gistnet_against_the_recent_window(setup):
     base_cfg = bm.LlamaConfig.tiny()
     m, g, l = models.build_models(cfg, base_cfg, base)
     tokens = jnp.asarray(_batch(n=2))
-    loss, met = jax.jit(lambda g_: objective.batch_loss({"gist": g_, "lens": l}, base, tokens,
-                                                    jax.random.PRNGKey(0), m))(g)
+    # one compiled loss-and-gradient, the base an argument: reused for the context-blind base
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda g_, bp: objective.batch_loss(
+        {"gist": g_, "lens": l}, bp, tokens, jax.random.PRNGKey(0), m), has_aux=True))
+    (loss, met), grads = loss_and_grad(g, base)
     assert float(met["subst_kl"]) > 0 and np.isfinite(float(loss))
-    grads = jax.jit(jax.grad(lambda g_: objective.batch_loss(
-        {"gist": g_, "lens": l}, base, tokens, jax.random.PRNGKey(0), m)[0]))(g)
     assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
     # a context-blind base (attention outputs zeroed) cannot tell gist from block: KL = 0
     blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
-    _, met0 = jax.jit(lambda g_: objective.batch_loss({"gist": g_, "lens": l}, blind, tokens,
-                                                  jax.random.PRNGKey(0), m))(g)
+    (_, met0), _ = loss_and_grad(g, blind)
     assert abs(float(met0["subst_kl"])) < 1e-5 and abs(float(met0["subst_gap"])) < 1e-5
     assert abs(float(met0["subst_minus_drop"])) < 1e-5
 
@@ -108,19 +107,27 @@ def test_content_term_compares_the_right_gist_with_another_blocks_gist(setup):
     tokens = jnp.asarray(_batch(n=2))
     key = jax.random.PRNGKey(0)
 
-    def run(c, bp):
-        m, g, l = models.build_models(c, base_cfg, base)
-        f = lambda g_: objective.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m)  # noqa
-        return jax.jit(f)(g), jax.jit(jax.grad(lambda g_: f(g_)[0]))(g)
+    m_plain, g, l = models.build_models(cfg, base_cfg, base)
+    m_content, g_c, l_c = models.build_models(
+        cfg.replace(content_weight=1.0, content_margin=0.05), base_cfg, base)
+    for a, b in zip(jax.tree.leaves((g, l)), jax.tree.leaves((g_c, l_c))):  # the same networks
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    (_, plain), _ = run(cfg, base)
-    (_, met), grads = run(cfg.replace(content_weight=1.0, content_margin=0.05), base)
+    # one compile: the content loss's value and gradient, with the plain run's metrics alongside
+    # (the base an argument, so the context-blind base reuses it)
+    def content_loss(g_, bp):
+        _, plain_met = objective.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m_plain)
+        loss, met = objective.batch_loss({"gist": g_, "lens": l}, bp, tokens, key, m_content)
+        return loss, (met, plain_met)
+
+    run = jax.jit(jax.value_and_grad(content_loss, has_aux=True))
+    (_, (met, plain)), grads = run(g, base)
     for k in ("nll_subst", "subst_minus_drop", "subst_kl", "nll_recent"):
         np.testing.assert_allclose(float(met[k]), float(plain[k]), rtol=1e-5, atol=1e-6)
     assert abs(float(met["subst_minus_wrong"])) > 1e-6
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(grads))
     blind = dict(base, layers={**base["layers"], "wo": jnp.zeros_like(base["layers"]["wo"])})
-    (_, met0), _ = run(cfg.replace(content_weight=1.0, content_margin=0.05), blind)
+    (_, (met0, _)), _ = run(g, blind)
     assert abs(float(met0["subst_minus_wrong"])) < 1e-5
     np.testing.assert_allclose(float(met0["content"]), 0.05, atol=1e-5)
     with pytest.raises(Exception, match="n_subst"):
@@ -179,19 +186,29 @@ def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_lo
     last = np.mean([r["loss"] for r in rows[-3:]])
     assert last < first, (first, last)
 
-    # 3. interrupted at step 6, a save of step 8 killed half-way, resumed to 12: bit-identical
+    # 3. interrupted after step 8, a save of step 10 killed half-way, resumed to 12:
+    # bit-identical. The interrupted run is the full run's workdir as a kill after its step-8
+    # save leaves it (steps 1-8 need not be trained twice): checkpoints up to 8, metrics rows
+    # logged past it
     part = tmp_path / "part"
-    loop.run(CFG, part, steps=6, progress=False)
+    shutil.copytree(full, part)
     ckpts = part / "checkpoints"
+    assert sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) == [8, 10, 12]
+    for step in (10, 12):
+        shutil.rmtree(ckpts / str(step))
     # what a kill during Orbax's save leaves: an unfinalised temporary step folder
-    tmp_step = ckpts / "8.orbax-checkpoint-tmp-1234567890"
-    shutil.copytree(ckpts / "6", tmp_step)
+    tmp_step = ckpts / "10.orbax-checkpoint-tmp-1234567890"
+    shutil.copytree(ckpts / "8", tmp_step)
     for f in sorted(tmp_step.rglob("*")):
         if f.is_file() and f.stat().st_size > 64:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
             break
     res = loop.run(CFG, part, steps=12, resume=True, progress=False)  # no retrace (chex)
     assert res["steps"] == 12
+    # each step logged once, the resumed steps with the uninterrupted run's losses
+    part_rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in part_rows] == list(range(1, 13))
+    assert [r["loss"] for r in part_rows] == [r["loss"] for r in rows]
     a, da, _ = _restore_state(full, setup)
     b, db, _ = _restore_state(part, setup)
     assert da == db
@@ -204,8 +221,23 @@ def test_train_cli_runs_resumes_exactly_survives_a_killed_save_and_lowers_the_lo
     assert "--resume" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, setup, monkeypatch):
-    loop.run(CFG, tmp_path, steps=2, progress=False)
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A 2-step run of the tiny config (checkpoint 2) for the tests below to copy."""
+    w = tmp_path_factory.mktemp("two_steps") / "run"
+    loop.run(CFG, w, steps=2, progress=False)
+    return w
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, setup, monkeypatch,
+                                                                   two_steps):
+    _copy_run(two_steps, tmp_path)  # a run of 2 steps
     real = models.load_frozen_base
 
     def poisoned(cfg):  # same shapes: the cached compiled step is reused
@@ -290,18 +322,22 @@ def test_gist_info_nce_matches_a_reference_and_rewards_gists_that_tell_blocks_ap
     f = lambda c, g_: objective.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
                                            jax.random.PRNGKey(0), models.Models(**{**m.__dict__,
                                                                                   "cfg": c}))
-    loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
     c1 = cfg.replace(gist_info_weight=0.5)
-    loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
+
+    def weighted_minus_plain(g_):  # both losses and the gradient of their difference: one compile
+        (loss0, met0), (loss1, met1) = f(cfg, g_), f(c1, g_)
+        return loss1 - loss0, (loss0, met0, loss1, met1)
+
+    (_, (loss0, met0, loss1, met1)), grads = jax.jit(
+        jax.value_and_grad(weighted_minus_plain, has_aux=True))(g0)
     np.testing.assert_allclose(float(loss1 - loss0), 0.5 * float(met0["gist_info"]), rtol=1e-4)
-    grads = jax.jit(jax.grad(lambda g_: f(c1, g_)[0] - f(cfg, g_)[0]))(g0)
     assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
 
 
-def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path, setup):
+def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path, setup, two_steps):
     """A field added to TrainConfig later (or by an experiment's config subclass) counts as its
     default in an older run's config.json; a real difference is still refused."""
-    loop.run(CFG, tmp_path, steps=2, progress=False)
+    _copy_run(two_steps, tmp_path)  # a run of 2 steps
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["subst_recent"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -333,9 +369,13 @@ def test_gist_recon_reads_each_block_back_after_its_gist(setup):
     got_none = gco.gist_recon_nll(blind, base_cfg, gists, emb[:, :P_], emb[:, P_:], targets,
                                   with_gist=False)
 
-    def alone(x_D, target):  # NLL of `target` from one input at position 0 (wo = 0: no context)
+    @jax.jit  # one compile for every call (the same shapes)
+    def alone_(x_D, target):
         lg, _ = bm.forward(blind, base_cfg, x_D[None, None], jnp.zeros((1, 1), jnp.int32))
-        return float(bm.token_nll(lg, jnp.asarray([[target]]))[0, 0])
+        return bm.token_nll(lg, jnp.reshape(target, (1, 1)))[0, 0]
+
+    def alone(x_D, target):  # NLL of `target` from one input at position 0 (wo = 0: no context)
+        return float(alone_(x_D, jnp.int32(target)))
 
     for b in range(B):
         want = [alone(gists[b], int(targets[b, 0]))] + [
@@ -351,19 +391,22 @@ def test_gist_recon_reads_each_block_back_after_its_gist(setup):
     f = lambda c, g_: objective.batch_loss({"gist": g_, "lens": l0}, base, tokens,  # noqa: E731
                                            jax.random.PRNGKey(0), models.Models(**{**m.__dict__,
                                                                                   "cfg": c}))
-    loss0, met0 = jax.jit(lambda g_: f(cfg, g_))(g0)
     c1 = cfg.replace(recon_weight=0.5, recon_blocks=4, recon_prefix=8)
-    loss1, met1 = jax.jit(lambda g_: f(c1, g_))(g0)
+    c2 = c1.replace(recon_content_weight=1.0, recon_margin=10.0)  # hinge always active
+
+    def recon_minus_plain(g_):  # the three losses and the gradient of c1's term: one compile
+        (loss0, met0), (loss1, met1) = f(cfg, g_), f(c1, g_)
+        return loss1 - loss0, (loss0, met0, loss1, met1, f(c2, g_))
+
+    (_, (loss0, met0, loss1, met1, (loss2, met2))), grads = jax.jit(
+        jax.value_and_grad(recon_minus_plain, has_aux=True))(g0)
     np.testing.assert_allclose(float(loss1 - loss0), 0.5 * float(met1["recon"]), rtol=1e-4)
     for k in met0:
         np.testing.assert_allclose(float(met1[k]), float(met0[k]), rtol=1e-5, atol=1e-6,
                                    err_msg=k) if k not in ("loss", "gist_loss") else None
     assert np.isfinite(float(met1["recon"])) and float(met1["recon"]) > 0
     assert abs(float(met1["recon_minus_wrong"])) > 0  # another block's gist is another input
-    grads = jax.jit(jax.grad(lambda g_: f(c1, g_)[0] - f(cfg, g_)[0]))(g0)
     assert any(float(jnp.max(jnp.abs(v))) > 0 for v in jax.tree.leaves(grads))
-    c2 = c1.replace(recon_content_weight=1.0, recon_margin=10.0)  # hinge always active
-    loss2, met2 = jax.jit(lambda g_: f(c2, g_))(g0)
     np.testing.assert_allclose(float(loss2 - loss1),
                                0.5 * (10.0 + float(met1["recon_minus_wrong"])), rtol=1e-3)
     for bad, name in ((dict(recon_blocks=1), "recon_blocks"), (dict(recon_prefix=0), "recon_prefix"),

@@ -35,6 +35,12 @@ def template():
     return train_step_mod.init_state(m, g, l)
 
 
+@pytest.fixture(scope="module")
+def trained_leaves(trained, template):
+    """The trained run's step-4 state (restored once; the tests below compare against it)."""
+    return _leaves(_state(trained, template))
+
+
 def _copy(src, tmp_path, name="w"):
     dst = tmp_path / name
     shutil.copytree(src, dst)
@@ -108,7 +114,8 @@ def _flip(f, offset, n=1):
 
 
 def test_a_flipped_byte_is_reported_by_step_and_the_previous_step_offered(trained, tmp_path,
-                                                                          template):
+                                                                          template,
+                                                                          trained_leaves):
     w = _copy(trained, tmp_path)
     data = max((f for f in (w / "checkpoints/4/state").rglob("*") if f.is_file()),
                key=lambda f: f.stat().st_size)
@@ -120,7 +127,7 @@ def test_a_flipped_byte_is_reported_by_step_and_the_previous_step_offered(traine
     # doing what the message says continues from step 2, exactly as the run did
     shutil.move(w / "checkpoints/4", w / "damaged-step-4")
     loop.run(CFG, w, steps=4, resume=True, progress=False, log=lambda s: None)
-    for a, b in zip(_leaves(_state(w, template)), _leaves(_state(trained, template))):
+    for a, b in zip(_leaves(_state(w, template)), trained_leaves):
         np.testing.assert_array_equal(a, b)
 
 
@@ -136,12 +143,12 @@ def test_non_finite_values_in_a_checkpoint_are_refused(tmp_path, template):
 
 
 def test_random_corruptions_of_a_checkpoint_are_always_detected(trained, tmp_path, template,
-                                                                slow):
+                                                                slow, trained_leaves):
     """Property: a byte flip, a truncation or a deletion of any file of the latest step makes the
     resume stop with an error naming the step; the only corruption that may pass is one of the
     manifest itself that leaves the arrays as saved (then the restored state is the saved one)."""
     rng = np.random.default_rng(18)
-    want = _leaves(_state(trained, template))
+    want = trained_leaves
     for trial in range(40 if slow else 12):
         w = _copy(trained, tmp_path, f"t{trial}")
         files = sorted(f for f in (w / "checkpoints/4").rglob("*") if f.is_file())
@@ -182,11 +189,12 @@ def test_resume_compares_the_config_stored_in_the_checkpoint(trained, tmp_path):
 
 def test_resume_with_set_steps_equals_resume_with_steps_and_logs_each_step_once(trained,
                                                                                 tmp_path,
-                                                                                template):
+                                                                                template,
+                                                                                trained_leaves):
     """`--set steps=4` and `--steps 4` resume alike, and bit-identically to the uninterrupted run
     (the schedule keeps the run's steps=12); a run killed after logging steps 3-4 but before
     saving step 4 (and a row torn half-way) logs each step once after its resume."""
-    want = _leaves(_state(trained, template))
+    want = trained_leaves
     for name, cfg, steps in (("flag", CFG, 4), ("set", CFG.replace(steps=4), None)):
         w = _copy(trained, tmp_path, name)
         shutil.rmtree(w / "checkpoints/4")  # the kill: rows 3-4 logged, step 4 never saved

@@ -67,6 +67,7 @@ def jitted():
             edits=jax.jit(lambda k, lv, c=c: twc.sample_edits(k, lv, 6, c)),
             apply=jax.jit(lambda lv, b, kd, c=c: twc.apply_edit(lv, b, kd, c)),
             legal=jax.jit(lambda lv, c=c: twc.legal_edits(lv, c)),
+            pack=jax.jit(lambda lv, tok, gists, hor, c=c: twc.pack(lv, tok, gists, hor, c)),
         )
     return fns
 
@@ -138,17 +139,17 @@ def test_substitution_window_is_the_recent_window_with_one_unprotected_block_gis
 
 @settings(max_examples=100 if SLOW else 20, deadline=None)
 @given(ci=st.integers(0, len(CONFIGS) - 1), seed=st.integers(0, 2 ** 31 - 1))
-def test_pack_places_every_entry_at_the_right_slot(ci, seed):
-    cfg = CONFIGS[ci]
+def test_pack_places_every_entry_at_the_right_slot(jitted, ci, seed):
+    cfg, f = CONFIGS[ci], jitted[ci]  # jitted: one compile per config, not per example
     rng = np.random.default_rng(seed)
     D, N, H = 8, cfg.seq_blocks, cfg.horizon
     tok = rng.normal(size=(N, K, D)).astype(np.float32)
     gists = tuple(rng.normal(size=(max(N // K ** (l - 1), 1), D)).astype(np.float32)
                   for l in range(1, cfg.depth + 1))
     hor = rng.normal(size=(H, D)).astype(np.float32)
-    level = np.asarray(twc.sample_mixture(jax.random.PRNGKey(seed), cfg))
-    x, pos, sig, valid = map(np.asarray, twc.pack(jnp.asarray(level), jnp.asarray(tok), gists,
-                                                  jnp.asarray(hor), cfg))
+    level = np.asarray(f["mix"](jax.random.PRNGKey(seed)))
+    x, pos, sig, valid = map(np.asarray, f["pack"](jnp.asarray(level), jnp.asarray(tok), gists,
+                                                   jnp.asarray(hor)))
     slots, gpos, gsig = [], [], []
     for lv, node, s, e in entries_of(level):
         if lv == 0:
