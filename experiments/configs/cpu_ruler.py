@@ -28,9 +28,11 @@ through the chat template and once with the plain RULER prompt. For each task th
 higher full-context accuracy is used by `quick` and the full config; on a tie, the chat template.
 `CHAT` below records the outcome.
 
-Cost on 2 CPU cores (measured, see experiments/results/cpu_ruler_quick/README.md): `quick` about
-20 minutes; the full config (2 W x 5 histories x 3 tasks x 20 cases x 7 policies = 4,200 answers,
-plus full's 120) was estimated from those per-answer times at several hours; it is resumable.
+Cost on 2 CPU cores (measured, see experiments/results/cpu_ruler_quick/README.md): `quick` took
+76 min of item time on cores shared with test runs (35 of them `retrieve`'s, which runs the base's
+first 18 layers over every history; ~40 min without it), not the ~20 the issue asked for. The
+full config (4,800 answers) is estimated at ~10 h on 2 idle cores; it is resumable, and it
+reuses the quick run's rows (same keys) when started from a copy of its results.jsonl.
 """
 
 from pathlib import Path
