@@ -55,9 +55,11 @@ case "$cmd" in
   setup) setup ;;
   demo)
     setup
-    # MegaContext over a 50k-token history (Genesis, KJV) with a 1024-slot working context
-    exec .venv/bin/mc-jax generate --input experiments/data/kjv_genesis.txt \
-      --question "Who built the ark?" --budget 1024 --show-focus --max-new-tokens 32 "$@" ;;
+    # A fact planted 1,900 tokens into a 12k-token history (Genesis, KJV), a 512-slot working
+    # context: the base's own attention finds it (retrieve); truncation and LensNet answer too
+    exec .venv/bin/mc-jax generate --input experiments/data/genesis_planted.txt --budget 512 \
+      --question "What was the number of the gate of the garden?" --max-new-tokens 24 \
+      --policy retrieve --show-focus --compare truncate --compare lens "$@" ;;
   test)
     setup
     export PYTHONHASHSEED=0

@@ -342,3 +342,18 @@ def test_generate_question_with_bm25_and_needle_oracle(plain, tmp_path, monkeypa
     assert cli.main(base + ["--question", "Which line?", "--policy", "bm25",
                             "--needle", "Line 3"]) != 0
     assert "needle_oracle only" in capsys.readouterr().err
+
+    # --compare: one labelled answer per policy, the --policy first; --show-focus prints the
+    # text of each kept block (the demo's output)
+    assert cli.main(base + ["--question", "Which line?", "--policy", "needle_oracle", "--needle",
+                            needle, "--compare", "truncate", "--show-focus"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [ln.split(":")[0].strip() for ln in lines] == ["needle_oracle", "truncate"]
+    assert "policy truncate: answered" in err
+    b = want[0]
+    assert f"block {b} (tokens [{K * b}, {K * b + K})" in err and \
+        repr(" ".join(text[K * b:K * b + K].split())) in err
+    with pytest.raises(SystemExit):  # argparse: oracle cannot answer
+        cli.main(base + ["--question", "Which line?", "--policy", "bm25", "--compare", "oracle"])
+    assert "invalid choice: 'oracle'" in capsys.readouterr().err

@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(history blocks BM25 ranks against the question kept raw), retrieve (the blocks "
                         "the base's own attention from the question finds, kept raw) and "
                         "needle_oracle (the --needle's blocks kept raw) answer a --question only")
+    p.add_argument("--compare", action="append", default=None, metavar="POLICY",
+                   choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "bm25",
+                            "retrieve", "needle_oracle"],
+                   help="with --question: also answer with this policy on the same history "
+                        "(repeatable); prints one labelled answer line per policy")
     p.add_argument("--needle", default=None, metavar="TEXT",
                    help="with --policy needle_oracle: a string of the history (its first "
                         "occurrence); the blocks covering its tokens are kept raw")

@@ -2,6 +2,7 @@
 (a long history ingested into a `Session`, then sampled from or teacher-force scored)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -170,21 +171,20 @@ def _answer_cli(args, text: str, log) -> int:
     is the newest raw tokens; MegaContext policies refocus with it; chat template unless
     --no-chat). Prints the greedy answer."""
     from mc_jax.base.chat import build_prompt, plain_question
-    from mc_jax.eval.policies.protocol import NotApplicable
-    from mc_jax.runtime.answer import answer_question
 
     policy = getattr(args, "policy", "lens") or "lens"
-    if policy == "oracle":
+    compare = [c for c in dict.fromkeys(getattr(args, "compare", None) or []) if c != policy]
+    if policy == "oracle" or "oracle" in compare:
         raise InputError("--policy oracle cannot answer: it picks its focus by the NLL of the "
                          "tokens it scores (a perplexity bound), and an answer's tokens are not "
                          "known in advance; use lens, recency, meanpool, bm25, retrieve, "
                          "needle_oracle, "
                          "full, truncate or sinks")
     needle = getattr(args, "needle", None)
-    if policy == "needle_oracle" and needle is None:
+    if "needle_oracle" in [policy] + compare and needle is None:
         raise InputError("--policy needle_oracle needs --needle TEXT: a string of the history "
                          "(where the answer is) whose blocks it keeps raw")
-    if needle is not None and policy != "needle_oracle":
+    if needle is not None and "needle_oracle" not in [policy] + compare:
         raise InputError(f"--needle is read by --policy needle_oracle only (not {policy})")
     if needle is not None and not needle.strip():
         raise InputError("--needle is empty")
@@ -203,44 +203,62 @@ def _answer_cli(args, text: str, log) -> int:
     n_new = int(args.max_new_tokens)
     log(f"[mc-jax] question prompt: {'chat template' if pr.chat else 'plain'}, "
         f"{len(pr.head)} + {len(ids)} history + {len(pr.tail)} tokens")
-    t0 = time.perf_counter()
+    answers = []
+    for name in [policy] + compare:
+        t0 = time.perf_counter()
+        a = args if name == policy else argparse.Namespace(**{**vars(args), "show_focus": False})
+        ans = _answer_with(a, model, name, text, ids, q, pr, chat, n_new, log)
+        log(f"[mc-jax] policy {name}: answered in {time.perf_counter() - t0:.1f}s")
+        answers.append((name, ans))
+    if not compare:
+        sys.stdout.write(answers[0][1] + "\n")
+    else:  # one labelled line per policy, the --policy first
+        width = max(len(n) for n, _ in answers)
+        for name, ans in answers:
+            sys.stdout.write(f"{name:>{width}}: {' '.join(ans.split())}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _answer_with(args, model, policy, text, ids, q, pr, chat, n_new, log) -> str:
+    """One policy's greedy answer to the question prompt `pr` about history `ids`."""
+    from mc_jax.eval.policies.protocol import NotApplicable
+    from mc_jax.runtime.answer import answer_question
+
     if policy in BASE_ONLY:
         from mc_jax.eval.policies.registry import make_policy
 
         budget = 1024 if args.budget is None else int(args.budget)
         try:
-            ans = make_policy(policy, model, budget).answer(ids, q, n_new, chat=chat,
-                                                            answer_prefix=args.answer_prefix)
+            return make_policy(policy, model, budget).answer(ids, q, n_new, chat=chat,
+                                                             answer_prefix=args.answer_prefix)
         except NotApplicable as e:
             raise InputError(f"--policy {policy}: {e}") from e
-    elif policy in RETRIEVAL:
-        ans = _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log)
+    if policy in RETRIEVAL:
+        return _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log)
+    if policy == "meanpool":
+        gist, _, info = load_nets(model, None, need_trained=False, meanpool=True)
+        nets = (gist, None, info, "recency")
     else:
-        if policy == "meanpool":
-            gist, _, info = load_nets(model, None, need_trained=False, meanpool=True)
-            nets = (gist, None, info, "recency")
-        else:
-            nets = _networks_for_cli(args, model, log)
-        s = _session_for_cli(args, model, nets, len(ids) + len(pr.tail) + n_new + 64, log)
-        fp = FocusPrinter(s, args.show_focus, args.telemetry)
-        if args.telemetry:
-            fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
-        K = s.cfg.block_size
-        n_full = (len(ids) // K) * K
-        update, close = _progress(n_full, "ingest")
-        s.ingest(ids[:n_full], on_block=fp, progress=update)
-        close()
-        ans = answer_question(s, ids[n_full:], pr, n_new)
-        summ = fp.summary()
-        fp.close()
-        log(f"[mc-jax] summary: history {len(s.ids)} tokens, WC budget used "
-            f"{int(s.state.wc.total_cost())}/{s.cfg.budget} (mean "
-            f"{summ['budget_used_mean']:.0f}), {summ['actions_per_block']:.2f} actions/block "
-            f"over {summ['blocks']} blocks")
-    log(f"[mc-jax] policy {policy}: answered in {time.perf_counter() - t0:.1f}s")
-    sys.stdout.write(ans + "\n")
-    sys.stdout.flush()
-    return 0
+        a = argparse.Namespace(**{**vars(args), "policy": policy})
+        nets = _networks_for_cli(a, model, log)
+    s = _session_for_cli(args, model, nets, len(ids) + len(pr.tail) + n_new + 64, log)
+    fp = FocusPrinter(s, args.show_focus, args.telemetry)
+    if args.telemetry:
+        fp.header(**time_networks(s), budget=s.cfg.budget, policy=s.cfg.policy)
+    K = s.cfg.block_size
+    n_full = (len(ids) // K) * K
+    update, close = _progress(n_full, "ingest")
+    s.ingest(ids[:n_full], on_block=fp, progress=update)
+    close()
+    ans = answer_question(s, ids[n_full:], pr, n_new)
+    summ = fp.summary()
+    fp.close()
+    log(f"[mc-jax] summary: history {len(s.ids)} tokens, WC budget used "
+        f"{int(s.state.wc.total_cost())}/{s.cfg.budget} (mean "
+        f"{summ['budget_used_mean']:.0f}), {summ['actions_per_block']:.2f} actions/block "
+        f"over {summ['blocks']} blocks")
+    return ans
 
 
 def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> str:
@@ -277,6 +295,13 @@ def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> st
     log(f"[mc-jax] {policy}: kept raw blocks {f['kept']} (best first; block b = history tokens "
         f"[{K}b, {K}b+{K})); the base read {len(f['raw_blocks'])} of {n_hist} complete history "
         f"blocks raw: {f['raw_blocks']}")
+    if args.show_focus:  # the text each kept block brought back
+        scores = f.get("block_scores")
+        for b in f["kept"]:
+            piece = model.tokenizer.decode([int(t) for t in ids[K * b:K * (b + 1)]])
+            sc = "" if scores is None else f", score {float(np.asarray(scores)[b]):.3g}"
+            log(f"[mc-jax]   block {b} (tokens [{K * b}, {K * b + K}){sc}): "
+                f"{' '.join(piece.split())!r}")
     return ans
 
 

@@ -58,7 +58,7 @@ def _round_up(n: int, m: int) -> int:
 
 def greedy_answer(model, prompt_ids, max_new_tokens: int, pad_to: int, chunk: int = 1024) -> str:
     """Greedy continuation of `prompt_ids` (compact positions 0..P-1) with a KV cache; the stop
-    id that ends it is part of the answer.
+    id that ends it is not part of the answer (as in `runtime.answer.answer_after_wc`).
 
     The prompt is padded to `pad_to` so every prompt of a sweep cell shares one compile, and
     prefilled in chunks of at most `chunk` tokens (fixed chunk shapes, so compiles are shared too).
@@ -85,10 +85,14 @@ def greedy_answer(model, prompt_ids, max_new_tokens: int, pad_to: int, chunk: in
                                          jnp.zeros((1, e - s), jnp.int32))
         if P - 1 < e:
             tok = greedy[:, P - 1 - s]
+    stops = sampling.stop_ids(model)
     out = sampling.generate_from_cache(params, cfg, cache, tok, P, max_new_tokens=max_new_tokens,
                                        key=jax.random.PRNGKey(0),
-                                       stop_ids=sampling.stop_ids(model))
-    return model.tokenizer.decode(list(out))
+                                       stop_ids=stops)
+    out = list(out)
+    if out and out[-1] in stops:
+        out = out[:-1]
+    return model.tokenizer.decode(out)
 
 
 # ------------------------------------------------------------------------------------------------
