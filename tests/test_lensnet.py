@@ -176,3 +176,44 @@ def test_log_bucket_and_bad_inputs(lens):
         lens(**{**inp, "entries_xExD": inp["entries_xExD"][:, :8]})
     with pytest.raises(ConfigError):
         LensNetConfig.tiny(d_model=D, d_lens=30, heads=4)
+
+
+def test_question_aware_inputs_match_features_and_query():
+    """n_match / query: masked entries' features and masked query tokens change nothing; an
+    entry's own match features and the query do change its score; gradients reach the new
+    parameters; the wrong inputs for the config are refused by name."""
+    R, Q = 5, 7
+    cfg = LensNetConfig.tiny(d_model=D, n_match=R, query=True)
+    model = LensNet(cfg, rngs=rngs(1))
+    inp = {**_inputs(), "prev_latents_xMxC": None}
+    k = jax.random.split(jax.random.key(9), 2)
+    inp.update(match_xExR=jax.random.normal(k[0], (E, R)),
+               query_xQxD=jax.random.normal(k[1], (Q, D)), query_mask_xQ=jnp.arange(Q) < 5)
+    a = apply(model, inp)
+    mask = inp["entry_mask_xE"]
+    changed = {**inp, "match_xExR": jnp.where(mask[:, None], inp["match_xExR"], 1e3),
+               "query_xQxD": inp["query_xQxD"].at[5:].set(1e3)}
+    np.testing.assert_allclose(a.u, apply(model, changed).u, rtol=1e-5, atol=1e-6)
+    b = apply(model, {**inp, "match_xExR": inp["match_xExR"].at[0].add(3.0)})
+    assert abs(float(b.u[0] - a.u[0])) > 1e-4
+    c = apply(model, {**inp, "query_xQxD": -inp["query_xQxD"]})
+    assert np.max(np.abs(np.asarray(c.u - a.u))) > 1e-5
+
+    def loss(m):
+        return jnp.sum(m(**inp).u ** 2)
+    grads = nnx.grad(loss)(model)
+    for name in ("match_in", "query_emb"):
+        leaves = jax.tree.leaves(getattr(grads, name))
+        assert leaves and all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves), name
+
+    with pytest.raises(ConfigError, match="n_match"):
+        model(**{**inp, "match_xExR": None})
+    with pytest.raises(ValueError, match="match_xExR must be"):
+        model(**{**inp, "match_xExR": inp["match_xExR"][:, :2]})
+    with pytest.raises(ConfigError, match="query"):
+        model(**{**inp, "query_xQxD": None, "query_mask_xQ": None})
+    plain = LensNet(LensNetConfig.tiny(d_model=D), rngs=rngs(0))
+    with pytest.raises(ConfigError, match="n_match"):
+        plain(**inp)
+    with pytest.raises(ConfigError, match="n_match must be"):
+        LensNetConfig.tiny(d_model=D, n_match=-1)

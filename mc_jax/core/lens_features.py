@@ -40,6 +40,10 @@ class LensInputs:
     since_edit_xE: jax.Array  # int32 refocus steps
     tail_xUxD: jax.Array
     tail_mask_xU: jax.Array   # bool
+    # question-aware LensNets only (LensNetConfig.n_match / query); None otherwise
+    match_xExR: jax.Array | None = None
+    query_xQxD: jax.Array | None = None
+    query_mask_xQ: jax.Array | None = None
 
 
 def tail_gists(top_rows, n_top, lod1_rows, n_lod1, n_tail: int):
@@ -102,4 +106,5 @@ def score(lens, f: LensInputs, prev_latents_xMxC=None):
     """LensNet output (u per row, latents, extra heads) for inputs of either layout."""
     return lens(f.vec_xExD, f.mask_xE, level_xE=f.level_xE, span_xE=f.span_xE,
                 distance_xE=f.distance_xE, since_edit_xE=f.since_edit_xE, tail_xUxD=f.tail_xUxD,
-                tail_mask_xU=f.tail_mask_xU, prev_latents_xMxC=prev_latents_xMxC)
+                tail_mask_xU=f.tail_mask_xU, prev_latents_xMxC=prev_latents_xMxC,
+                match_xExR=f.match_xExR, query_xQxD=f.query_xQxD, query_mask_xQ=f.query_mask_xQ)

@@ -26,6 +26,14 @@ Metadata features (each an integer per entry, embedded by a learned table of wid
 Tail gists (newest top-level gist + 5 newest LOD1 gists) enter as extra encoder keys with their own
 validity mask and a learned embedding per tail slot.
 
+Question-aware inputs (issue 19; both off by default, so earlier checkpoints load unchanged):
+- `n_match` > 0: per entry R = n_match float retrieval features (key-match scores of the base's
+  attention from the query, lexical match; `mc_jax.eval.policies.lensq.match_features`), mapped
+  by a Linear R -> C and added to the entry's token, so an entry's score can read its own match
+  directly through the decoder's residual;
+- `query`: the query's token vectors (e.g. the question's embeddings) [..., Q, D] with a mask
+  enter as extra encoder keys beside the tail, with a learned query embedding.
+
 Batching: every input may carry the same leading batch dims ("..."); no vmap is needed. A fully
 masked row (no valid entry or tail gist) gives finite outputs (uniform attention), u = 0.
 
@@ -58,6 +66,8 @@ class LensNetConfig:
     n_log_buckets: log2 buckets for span / distance / steps-since-edit.
     incremental: start from learned latents + the previous call's latents.
     delta_nll_head: also predict per-entry delta-NLL (unbounded) from the same decoder output.
+    n_match: per-entry retrieval features read (0: none; see the module docstring).
+    query: read the query's token vectors as extra encoder keys.
     dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
     """
 
@@ -72,6 +82,8 @@ class LensNetConfig:
     n_log_buckets: int = 32
     incremental: bool = False
     delta_nll_head: bool = False
+    n_match: int = 0
+    query: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -79,6 +91,8 @@ class LensNetConfig:
         if self.d_lens % self.heads:
             raise ConfigError(f"LensNetConfig: d_lens {self.d_lens} is not divisible by heads "
                               f"{self.heads}")
+        if self.n_match < 0:
+            raise ConfigError(f"LensNetConfig: n_match must be >= 0, got {self.n_match}")
         if self.n_latents < 1 or self.n_tail < 0 or self.max_level < 1 or self.n_log_buckets < 2:
             raise ConfigError("LensNetConfig: need n_latents >= 1, n_tail >= 0, max_level >= 1, "
                               "n_log_buckets >= 2")
@@ -146,15 +160,23 @@ class LensNet(nnx.Module):
         if c.delta_nll_head:
             self.ln_delta = ln()
             self.delta_head = Mlp(c.d_lens, c.d_lens, out=1, dtype=dt, rngs=rngs)
+        if c.n_match:
+            self.match_in = nnx.Linear(c.n_match, c.d_lens, dtype=dt, param_dtype=jnp.float32,
+                                       rngs=rngs)
+        if c.query:
+            self.query_emb = nnx.Param(init(rngs.params(), (1, c.d_lens), jnp.float32))
 
     def __call__(self, entries_xExD: jax.Array, entry_mask_xE: jax.Array, *,
                  level_xE: jax.Array, span_xE: jax.Array, distance_xE: jax.Array,
                  since_edit_xE: jax.Array, tail_xUxD: jax.Array, tail_mask_xU: jax.Array,
-                 prev_latents_xMxC: jax.Array | None = None) -> LensNetOutput:
+                 prev_latents_xMxC: jax.Array | None = None, match_xExR: jax.Array | None = None,
+                 query_xQxD: jax.Array | None = None,
+                 query_mask_xQ: jax.Array | None = None) -> LensNetOutput:
         """Scores E entries; per-entry arrays have the shape of `entries_xExD[..., 0]`."""
         c = self.config
         self._check_shapes(entries_xExD, entry_mask_xE, level_xE, span_xE, distance_xE,
                            since_edit_xE, tail_xUxD, tail_mask_xU, prev_latents_xMxC)
+        self._check_query(entries_xExD, match_xExR, query_xQxD, query_mask_xQ)
         dt = compute_dtype(c.dtype)
         batch = entries_xExD.shape[:-2]
         entry_mask_xE = entry_mask_xE.astype(bool)
@@ -165,9 +187,15 @@ class LensNet(nnx.Module):
                      + self.distance_emb(log_bucket(distance_xE, c.n_log_buckets))
                      + self.since_edit_emb(log_bucket(since_edit_xE, c.n_log_buckets)))
         e_xExC = self.down(self.ln_in(entries_xExD.astype(dt))) + meta_xExC.astype(dt)
+        if c.n_match:
+            e_xExC = e_xExC + self.match_in(match_xExR.astype(dt))
         t_xUxC = self.down(self.ln_in(tail_xUxD.astype(dt))) + self.tail_emb[: c.n_tail].astype(dt)
-        kv_xSxC = jnp.concatenate([e_xExC, t_xUxC], axis=-2)
-        kv_mask_xS = jnp.concatenate([entry_mask_xE, tail_mask_xU], axis=-1)
+        kv, kv_mask = [e_xExC, t_xUxC], [entry_mask_xE, tail_mask_xU]
+        if c.query:
+            kv.append(self.down(self.ln_in(query_xQxD.astype(dt))) + self.query_emb[...].astype(dt))
+            kv_mask.append(query_mask_xQ.astype(bool))
+        kv_xSxC = jnp.concatenate(kv, axis=-2)
+        kv_mask_xS = jnp.concatenate(kv_mask, axis=-1)
 
         z_xMxC = jnp.broadcast_to(self.latents[...], (*batch, c.n_latents, c.d_lens))
         if prev_latents_xMxC is not None:
@@ -184,6 +212,24 @@ class LensNet(nnx.Module):
             delta_xE = self.delta_head(self.ln_delta(y_xExC))[..., 0].astype(jnp.float32)
             delta_xE = jnp.where(entry_mask_xE, delta_xE, 0.0)
         return LensNetOutput(u=u_xE, delta_nll=delta_xE, latents=z_xMxC.astype(jnp.float32))
+
+    def _check_query(self, entries, match, query, query_mask):
+        c = self.config
+        if (match is not None) != bool(c.n_match):
+            raise ConfigError(f"LensNetConfig.n_match is {c.n_match}: pass match_xExR "
+                              f"[..., E, {c.n_match}] exactly when n_match > 0")
+        if match is not None and match.shape != (*entries.shape[:-1], c.n_match):
+            raise ValueError(f"match_xExR must be {(*entries.shape[:-1], c.n_match)}, got "
+                             f"{match.shape}")
+        if (query is not None) != c.query or (query_mask is not None) != c.query:
+            raise ConfigError(f"LensNetConfig.query is {c.query}: pass query_xQxD and "
+                              "query_mask_xQ exactly when it is True")
+        if query is not None:
+            if query.shape[:-2] != entries.shape[:-2] or query.shape[-1] != c.d_model \
+                    or query_mask.shape != query.shape[:-1]:
+                raise ValueError(f"query must be [..., Q, d_model={c.d_model}] with the entries' "
+                                 f"batch dims {entries.shape[:-2]} and a mask [..., Q]; got "
+                                 f"{query.shape} and {query_mask.shape}")
 
     def _check_shapes(self, entries, entry_mask, level, span, distance, since_edit, tail, tail_mask,
                       prev_latents):

@@ -32,7 +32,9 @@ caller's gold blocks kept raw; answers only). A MegaContext policy whose trained
 missing raises `Unavailable`, and the sweep records an "unavailable: <reason>" row instead of a
 number (`bm25` and `needle_oracle` take `gists="meanpool"` to run without them). `retrieve`
 (`mc_jax.eval.policies.retrieve`, issue 19's training-free reference) finds blocks with the base's
-own attention from the question and keeps them raw the same way.
+own attention from the question and keeps them raw the same way; `lensq`
+(`mc_jax.eval.policies.lensq`) ranks them with a question-aware LensNet fitted on retrieval
+labels, which reads those attention scores and BM25 as features (Unavailable without its export).
 
 Shape letters: N document tokens, B scored blocks, K block size.
 """
@@ -46,11 +48,12 @@ from mc_jax.eval.policies import window
 from mc_jax.eval.policies.megacontext import MEGACONTEXT_POLICIES, make_megacontext_policy
 from mc_jax.eval.policies.oracle import make_oracle_policy
 from mc_jax.eval.policies.retrieval import RETRIEVAL_POLICIES, make_retrieval_policy
+from mc_jax.eval.policies.lensq import make_lensq_policy
 from mc_jax.eval.policies.retrieve import make_retrieve_policy
 # K, NotApplicable and Unavailable are re-exported: evaluators and the sweep use them from here
 from mc_jax.eval.policies.protocol import K, NotApplicable, Policy, Unavailable  # noqa: F401
 
-MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle", "retrieve") + RETRIEVAL_POLICIES
+MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle", "retrieve", "lensq") + RETRIEVAL_POLICIES
 
 _POLICIES: dict[str, Callable[..., Policy]] = {
     "truncate": window.TruncatePolicy,
@@ -84,6 +87,8 @@ def _megacontext_factory(name: str):
                 return make_oracle_policy(model, budget, checkpoint=checkpoint, **kw)
             if name == "retrieve":
                 return make_retrieve_policy(model, budget, checkpoint=checkpoint, **kw)
+            if name == "lensq":
+                return make_lensq_policy(model, budget, checkpoint=checkpoint, **kw)
             if name in RETRIEVAL_POLICIES:
                 return make_retrieval_policy(name, model, budget, checkpoint=checkpoint, **kw)
             return make_megacontext_policy(name, model, budget, checkpoint=checkpoint, **kw)

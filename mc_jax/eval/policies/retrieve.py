@@ -92,6 +92,35 @@ def _head_mass(q_TxF, k_nxKxF, delta, rope_base):
     return p.reshape(-1, n, K).sum(axis=(0, 2))
 
 
+@functools.partial(jax.jit, static_argnames=("rope_base",))
+def _head_stats(q_TxF, k_nxKxF, delta, rope_base):
+    """(mass [n], excess [n]) of one head: `_head_mass`, and per block the largest logit over
+    its tokens and the question's tokens minus that question token's largest logit (<= 0)."""
+    F = q_TxF.shape[-1]
+    cos, sin = bm.rope_tables(jnp.full((1, q_TxF.shape[0]), delta), None, F, rope_base)
+    qd = bm.apply_rope(q_TxF[None, :, None, :], cos, sin)[0, :, 0]
+    n, K = k_nxKxF.shape[:2]
+    s = jnp.einsum("tf,jf->tj", qd, k_nxKxF.reshape(n * K, F)) / jnp.sqrt(F)
+    mass = jax.nn.softmax(s, axis=-1).reshape(-1, n, K).sum(axis=(0, 2))
+    excess = (s - s.max(axis=-1, keepdims=True)).reshape(-1, n, K).max(axis=(0, 2))
+    return mass, excess
+
+
+def head_stats(q, k, heads, cfg, delta: int = DELTA, layer_index=None):
+    """(mass [H, n], excess [H, n]) per head of `heads` (see `_head_stats`; shapes as in
+    `head_scores`)."""
+    where = {layer: i for i, layer in enumerate(layer_index or range(q.shape[0]))}
+    group = cfg.n_heads // cfg.n_kv_heads
+    mass, excess = [], []
+    for layer, h in heads:
+        i = where[layer]
+        m, e = _head_stats(jnp.asarray(q[i, :, h]), jnp.asarray(k[i, :, :, h // group]),
+                           float(delta), float(cfg.rope_base))
+        mass.append(np.asarray(m))
+        excess.append(np.asarray(e))
+    return np.stack(mass), np.stack(excess)
+
+
 def head_scores(q, k, heads, cfg, delta: int = DELTA, layer_index=None) -> np.ndarray:
     """[len(heads), n]: each head's attention mass per block. q [L, Tq, N, F], k [L, n, K, G, F]
     (layer l of q/k is layer `layer_index[l]` of the base, default l)."""
@@ -134,8 +163,9 @@ class RetrievePolicy(RetrievalPolicy):
         except Exception:  # no chat template: no sink prefix
             return np.zeros(0, np.int32)
 
-    def block_scores(self, history_ids, question_ids) -> np.ndarray:
-        """Summed attention mass per complete history block [n] (memoised per history)."""
+    def block_stats(self, history_ids, question_ids):
+        """(mass [H, n], excess [H, n]) per selected head and complete history block
+        (`head_stats`; the history's keys are memoised per history)."""
         K = self.K
         n_layers = self._layers[-1] + 1
         digest = (hashlib.sha1(np.asarray(history_ids, np.int32).tobytes()).hexdigest(),
@@ -148,8 +178,12 @@ class RetrievePolicy(RetrievalPolicy):
         k = _KEYS[digest]
         q = question_queries(self.model, np.asarray(history_ids)[:len(history_ids) // K * K],
                              question_ids, n_layers, window=self.window, prefix=self._prefix())
-        return head_scores(q[self._layers], k, self.heads, self.model.cfg, self.delta,
-                           layer_index=self._layers).sum(axis=0)
+        return head_stats(q[self._layers], k, self.heads, self.model.cfg, self.delta,
+                          layer_index=self._layers)
+
+    def block_scores(self, history_ids, question_ids) -> np.ndarray:
+        """Summed attention mass per complete history block [n] (memoised per history)."""
+        return self.block_stats(history_ids, question_ids)[0].sum(axis=0)
 
     def rank(self, blocks_BxK, question_ids, gold_blocks):
         scores = self.block_scores(np.asarray(blocks_BxK).reshape(-1), question_ids)
