@@ -4,6 +4,7 @@ heatmaps (`mc_jax.eval.evaluators.ruler`).
 
     mc-jax eval --sweep experiments/configs/cpu_ruler.py:quick --out experiments/results/cpu_ruler_quick
     mc-jax eval --sweep experiments/configs/cpu_ruler.py --out experiments/results/cpu_ruler
+    mc-jax eval --sweep experiments/configs/cpu_ruler.py:quick_lensq --out experiments/results/cpu_ruler_quick_lensq
     mc-jax eval --sweep experiments/configs/cpu_ruler.py:chat_probe --out experiments/results/cpu_ruler_chat_probe
     mc-jax eval --sweep experiments/configs/cpu_ruler.py:smoke --out /tmp/ruler_smoke  # tiny base
 
@@ -62,6 +63,9 @@ def get_config(variant=None):
                evaluators=[ruler])
     if variant == "quick":
         ruler.update(budgets=[512], lengths=[2048, 8192, 32768], cases=4)
+    elif variant == "quick_lensq":  # lensq on quick's cases (its other policies: cpu_ruler_quick)
+        cfg["name"] = "cpu_ruler_quick_lensq"
+        ruler.update(policies=["lensq"], budgets=[512], lengths=[2048, 8192, 32768], cases=4)
     elif variant == "chat_probe":
         cfg["name"] = "cpu_ruler_chat_probe"
         probe = [dict(t, label=t["label"] + "/chat") for t in TASKS] + \
@@ -79,5 +83,5 @@ def get_config(variant=None):
                             dict(task="passkey", label="passkey", haystack="noise")],
                      policy_kw={"bm25": mean, "needle_oracle": mean})
     elif variant is not None:
-        raise ValueError(f"unknown variant {variant!r} (quick | chat_probe | smoke)")
+        raise ValueError(f"unknown variant {variant!r} (quick | quick_lensq | chat_probe | smoke)")
     return cfg

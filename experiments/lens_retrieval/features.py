@@ -14,9 +14,16 @@ Splits (decided before any fit; nothing of `eval` is ever used for fitting or fo
 - `eval`: exactly the cpu_ruler:quick cases (experiments/configs/cpu_ruler.py, seed 0, cases
   0-3) at 2,048 and 8,192 tokens: niah_single (noise), niah_multikey (Genesis) and passkey, a task
   family training never sees.
+- `train2` (the second fit, see README.md): as `train`, with needles as short as the
+  evaluation's: keys two words of the training text that are not in wonderwords' lists, values
+  8-digit numbers; seeds 2000+.
+- `eval2`: cpu_ruler's cases 4-11 (seed 0) at 2,048 and 8,192 tokens, never looked at before
+  the second fit was fixed: the judgement of the second fit.
 
     python experiments/lens_retrieval/features.py train 96
     python experiments/lens_retrieval/features.py eval
+    python experiments/lens_retrieval/features.py train2 96
+    python experiments/lens_retrieval/features.py eval2
 
 One .npz per case under experiments/lens_retrieval/cache/<split>/ (resumable: existing files are
 kept). Not committed (rebuilt by these commands).
@@ -66,14 +73,60 @@ def train_cases(tok, n: int):
         yield f"{i:04d}_{task}_{L}", case, True
 
 
-def eval_cases(tok):
+TRAIN_WORD_COUNT = 2000
+
+
+def training_words(text: str) -> list[str]:
+    """Lower-case words of the training text (4-10 letters, >= 5 occurrences) that are not in
+    wonderwords' lists (the evaluation's key vocabulary): the `train2` keys' vocabulary."""
+    import collections
+    import re
+
+    from mc_jax.eval.tasks.ruler import wordlists
+
+    banned = set().union(*map(set, wordlists().values()))
+    c = collections.Counter(re.findall(r"\b[a-z]{4,10}\b", text))
+    return sorted(w for w, k in c.most_common() if k >= 5 and w not in banned)[:TRAIN_WORD_COUNT]
+
+
+def train2_cases(tok, n: int):
+    """Like `train_cases`, with needles as short as the evaluation's: keys two training words
+    ("socket-buffer"), values 8-digit numbers (the evaluation: adjective-noun keys, 7 digits)."""
+    from mc_jax.eval import tasks
+    from mc_jax.eval.tasks import ruler
+
+    text = training_text()
+    words = training_words(text)
+
+    def value(rng, kind):
+        if kind == "numbers":
+            return str(rng.randint(10 ** 7, 10 ** 8 - 1))
+        return f"{rng.choice(words)}-{rng.choice(words)}"
+
+    rng = np.random.default_rng(1)
+    real = ruler.random_value
+    ruler.random_value = value
+    try:
+        for i in range(n):
+            task = "niah_single" if i % 2 == 0 else "niah_multikey"
+            L = TRAIN_LENGTHS[i % len(TRAIN_LENGTHS)]
+            depth = float(rng.uniform(0.05, 0.95))
+            case = tasks.generate(task, tok, L, depth, 2000 + i, check_text=False,
+                                  haystack="prose", text=text, key_kind="words",
+                                  value_kind="numbers", straddle=bool(i % 4 >= 2))
+            yield f"{i:04d}_{task}_{L}", case, True
+    finally:
+        ruler.random_value = real
+
+
+def eval_cases(tok, cases=range(4)):
     sys.path.insert(0, str(HERE.parents[1]))
     from experiments.configs.cpu_ruler import CHAT, get_config
     from mc_jax.eval import tasks
     from mc_jax.eval.evaluators.ruler import _text, case_layout
 
     ecfg = get_config("quick")["evaluators"][0]
-    for i in range(ecfg["cases"]):
+    for i in cases:
         d, st = case_layout(ecfg, i)
         for e in ecfg["tasks"]:
             opts = {k: v for k, v in e.items() if k not in ("task", "label")}
@@ -103,7 +156,10 @@ def main(split: str, n: int = 96) -> None:
     K = pol.K
     out_dir = CACHE / split
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = train_cases(model.tokenizer, n) if split == "train" else eval_cases(model.tokenizer)
+    cases = {"train": lambda: train_cases(model.tokenizer, n),
+             "train2": lambda: train2_cases(model.tokenizer, n),
+             "eval": lambda: eval_cases(model.tokenizer),
+             "eval2": lambda: eval_cases(model.tokenizer, range(4, 12))}[split]()
     for name, case, chat in cases:
         path = out_dir / f"{name}.npz"
         if path.exists():
