@@ -83,7 +83,7 @@ def test_lensq_policy_ranks_by_its_lensnet(model, tmp_path):
     assert f["kept"][0] == best and set(f["kept"]) <= set(rt.with_neighbours([best], 1, n))
     feat = lensq.case_features(p, hist, q_ids)
     want = np.asarray(lensq.lens_scores(lens, lensq.inputs_from_features(feat)))[:n]
-    np.testing.assert_allclose(p.block_scores(hist, q_ids), want, atol=1e-5)
+    np.testing.assert_allclose(f["block_scores"], want, atol=1e-5)
 
 
 def test_lensq_refuses_networks_that_cannot_read_the_question(model, tmp_path):

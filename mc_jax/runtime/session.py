@@ -17,6 +17,7 @@ from mc_jax.core import focus as fm
 from mc_jax.errors import CapacityError, ConfigError
 from mc_jax.runtime.state import (DecodeConfig, StepInfo, check_state, init_state, make_runtime,
                                   with_reader)
+from mc_jax.runtime.retrieval_keys import WINDOW, KeyStore
 from mc_jax.runtime.step import jit_ingest, jit_step, jit_sync
 
 INGEST_BLOCKS = 16  # blocks per ingest call (one compile; a partial call masks the rest)
@@ -32,7 +33,8 @@ class Session:
     def __init__(self, base_model, budget: int, gist_model, lens_model=None, *,
                  policy: str = "lens", capacity_tokens: int = 1 << 16, depth=None,
                  position_mode="compact", rope_damping=False, chunk: int = 64,
-                 focus: fm.FocusConfig | None = None, seed: int = 0, kv_mode: str = "exact"):
+                 focus: fm.FocusConfig | None = None, seed: int = 0, kv_mode: str = "exact",
+                 retrieval_heads=None, retrieval_window: int = WINDOW, retrieval_prefix=()):
         self.model = base_model
         depth = depth or gist_model.config.depth
         K = gist_model.config.block_size
@@ -49,6 +51,11 @@ class Session:
                                           cache_dtype=base_model.params["embed"].dtype)
         self.params = with_reader(base_model.params, gist_model)
         self.seed = seed
+        # retrieval keys (mc_jax.runtime.retrieval_keys): the base's first layers run over each
+        # window of the history as it arrives; kept in host memory beside the tree
+        self.keys = (KeyStore(base_model, retrieval_heads, window=retrieval_window,
+                              prefix=retrieval_prefix, block_size=K)
+                     if retrieval_heads else None)
         self.reset()
 
     @property
@@ -58,6 +65,8 @@ class Session:
     def reset(self):
         self.state = init_state(self.rt, self.seed)
         self.ids: list[int] = []
+        if self.keys is not None:
+            self.keys.reset()
 
     def _check_room(self, n_more: int):
         cap = self.cfg.capacity_tokens
@@ -91,6 +100,8 @@ class Session:
                 info = jax.device_get(info)
                 for j in range(n):
                     on_block(jax.tree.map(lambda a: a[j], info))
+            if self.keys is not None:
+                self.keys.update(self.ids)
             if progress is not None:
                 progress(n * K)
         check_state(self.state, self.rt)
@@ -112,8 +123,18 @@ class Session:
                                     teacher=teacher)
         info = jax.device_get(info)
         self.ids.extend(np.asarray(info.tokens_K).tolist())
+        if self.keys is not None:
+            self.keys.update(self.ids)
         check_state(self.state, self.rt)
         return info
+
+    def retrieval_keys(self, n_blocks: int | None = None) -> np.ndarray:
+        """Pre-RoPE keys [layers, n, K, G, F] of the first n_blocks complete blocks (default
+        all), for the session's `retrieval_heads` (`KeyStore.keys`)."""
+        if self.keys is None:
+            raise ConfigError("this Session keeps no retrieval keys: create it with "
+                              "retrieval_heads=((layer, head), ...)")
+        return self.keys.keys(self.ids, n_blocks)
 
     def sync(self) -> int:
         self.state, rec, _ = jit_sync(self.rt, self.params, self.state)
