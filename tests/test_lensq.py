@@ -86,6 +86,23 @@ def test_lensq_policy_ranks_by_its_lensnet(model, tmp_path):
     np.testing.assert_allclose(f["block_scores"], want, atol=1e-5)
 
 
+def test_lensq_zoom_expands_what_its_lensnet_wants(model, tmp_path, monkeypatch):
+    _export(tmp_path / "q", n_match=lensq.n_match(len(HEADS)), query=True)
+    p = pol.make_policy("lensq_zoom", model, 192, checkpoint=tmp_path / "q", window=64)
+    hist = np.random.default_rng(4).integers(0, 256, 900).astype(np.int32)
+    n, hot = len(hist) // 32, (3, 11)
+    u = np.full(n, -0.9, np.float32)
+    u[list(hot)] = 0.9  # the LensNet's scores, made known: two old blocks wanted
+    monkeypatch.setattr(p, "block_scores", lambda h, q: u)
+    p.answer(hist, "what is it?", 2, chat=False)
+    f = p.last_focus
+    z = f["zoom"]
+    assert 1 <= z["rounds"] <= 8 and len(z["expands"]) == z["rounds"]
+    assert z["stop"] == 0 and z["expands"][-1] + z["collapses"][-1] == 0  # converged
+    assert sorted(f["kept"]) == list(hot) and set(hot) <= set(f["raw_blocks"])
+    assert sum(z["expands"]) >= 2  # at least the two LOD1 -> LOD0 expansions
+
+
 def test_lensq_refuses_networks_that_cannot_read_the_question(model, tmp_path):
     _export(tmp_path / "plain")
     with pytest.raises(pol.Unavailable, match="not question-aware"):

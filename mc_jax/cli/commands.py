@@ -134,15 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--policy", default="lens",
                    choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "oracle",
-                            "bm25", "retrieve", "lensq", "needle_oracle"],
+                            "bm25", "retrieve", "lensq", "lensq_zoom", "needle_oracle"],
                    help="context policy (default lens); full, truncate, sinks, meanpool, bm25 "
                         "(history blocks BM25 ranks against the question kept raw), retrieve (the blocks "
                         "the base's own attention from the question finds, kept raw), lensq (the "
-                        "blocks a question-aware LensNet finds, kept raw) and "
+                        "blocks a question-aware LensNet finds, kept raw; lensq_zoom zooms down the "
+                        "tree to them) and "
                         "needle_oracle (the --needle's blocks kept raw) answer a --question only")
     p.add_argument("--compare", action="append", default=None, metavar="POLICY",
                    choices=["lens", "recency", "meanpool", "full", "truncate", "sinks", "bm25",
-                            "retrieve", "lensq", "needle_oracle"],
+                            "retrieve", "lensq", "lensq_zoom", "needle_oracle"],
                    help="with --question: also answer with this policy on the same history "
                         "(repeatable); prints one labelled answer line per policy")
     p.add_argument("--needle", default=None, metavar="TEXT",

@@ -137,7 +137,7 @@ def generate_cli(args) -> int:
 
 
 BASE_ONLY = ("full", "truncate", "sinks")
-RETRIEVAL = ("bm25", "needle_oracle", "retrieve", "lensq")
+RETRIEVAL = ("bm25", "needle_oracle", "retrieve", "lensq", "lensq_zoom")
 
 
 def _common_prefix(a, b) -> int:
@@ -280,7 +280,7 @@ def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> st
             p = make_policy(policy, model, budget, checkpoint=args.checkpoint, **kw)
             nets = args.checkpoint or "the shipped GistNet"
         except Unavailable as e:
-            if args.checkpoint is not None or policy == "lensq":
+            if args.checkpoint is not None or policy.startswith("lensq"):
                 raise InputError(f"--policy {policy}: {e}") from e
             log(f"[mc-jax] {e}: using mean-pool gists")
             p = make_policy(policy, model, budget, gists="meanpool", **kw)

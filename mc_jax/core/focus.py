@@ -55,8 +55,11 @@ class FocusConfig:
     tau_collapse: float = 0.2
     n_diff: int = 4
     cooldown: int = 2
+    group_score: str = "mean"  # a sibling group's collapse score: "mean" (SPEC) or "max" (zoom)
 
     def __post_init__(self):
+        if self.group_score not in ("mean", "max"):
+            raise ConfigError(f"group_score must be 'mean' or 'max', got {self.group_score!r}")
         if self.n_diff < 0:
             raise ConfigError(f"n_diff must be >= 0, got {self.n_diff}")
         if self.cooldown < 0:
@@ -98,7 +101,7 @@ def _candidates(wc: WorkingContext, u_E, wcfg: WCConfig, fcfg: FocusConfig, volu
     H = E // K + 1  # groups are disjoint, so at most E // K heads
     head_H = jnp.nonzero(heads, size=H, fill_value=E)[0]
     win_HxK = jnp.minimum(head_H[:, None] + jnp.arange(K)[None, :], E - 1)
-    gmean_H = jnp.mean(u_E[win_HxK], axis=1)
+    gmean_H = (jnp.max if fcfg.group_score == "max" else jnp.mean)(u_E[win_HxK], axis=1)
     gmean = jnp.full((E,), jnp.inf, jnp.float32).at[head_H].set(gmean_H, mode="drop")
     blocks = wcm.collapsible_block(wc, wcfg)
     if voluntary:
@@ -289,3 +292,75 @@ def keep_blocks_raw(wc: WorkingContext, blocks, cfg: WCConfig) -> tuple[WorkingC
                 wc = wcm.apply_move(wc, wcm.EXPAND, e, cfg)
             entries = wcm.to_host_entries(wc)
     return wc, kept
+
+
+# ------------------------------------------------------------------------- zoom before answering
+
+@flax.struct.dataclass
+class ZoomLog:
+    """What `zoom` did: rounds run, voluntary moves per round (0 past the last), and why it
+    stopped (ZOOM_CONVERGED: a round made no move; ZOOM_ROUND_LIMIT: `rounds` ran out)."""
+
+    rounds: jax.Array      # int32
+    expands_R: jax.Array   # int32 [rounds]
+    collapses_R: jax.Array  # int32 [rounds]
+    stop: jax.Array        # int32 ZOOM_*
+
+
+ZOOM_CONVERGED, ZOOM_ROUND_LIMIT = 0, 1
+
+
+def entry_scores(wc: WorkingContext, block_u: jax.Array, wcfg: WCConfig) -> jax.Array:
+    """u [E] of each WC entry from scores of the history's blocks: the largest score among the
+    blocks it covers (so a gist's score bounds those of all its descendants, and the tree can
+    be searched from the top down). block_u: [n] with n a multiple of K^(depth-1) (pad with a
+    low score); the open block and padding rows get 0."""
+    K, E = wcfg.block_size, wcfg.max_entries
+    n = block_u.shape[0]
+    if n % K ** (wcfg.depth - 1):
+        raise ValueError(f"block scores: {n} blocks is not a multiple of K^(depth-1) = "
+                         f"{K ** (wcfg.depth - 1)} (pad them)")
+    levels = [block_u.astype(jnp.float32)]
+    for _ in range(2, wcfg.depth + 1):
+        levels.append(levels[-1].reshape(-1, K).max(axis=1))
+    u = jnp.zeros((E,), jnp.float32)
+    for lv in range(0, wcfg.depth + 1):
+        arr = levels[max(lv, 1) - 1]
+        at = jnp.clip(wc.node_E, 0, arr.shape[0] - 1)
+        u = jnp.where(wc.level_E == lv, arr[at], u)
+    keep = wc.valid_E & (jnp.arange(E) != wcm.open_index(wc))
+    return jnp.where(keep, u, 0.0)
+
+
+def zoom(wc: WorkingContext, block_u: jax.Array, wcfg: WCConfig, fcfg: FocusConfig,
+         rounds: int = 8):
+    """Zoom before answering (issue 19, item 3): refocus rounds until a round makes no move or
+    `rounds` have run, all in one `lax.while_loop`. Each round is one `allocate` voluntary
+    phase (at most fcfg.n_diff moves) on the entries' scores from `entry_scores`: the gists
+    over the best blocks (u > tau_expand) are expanded one level per round, top level first,
+    down to raw blocks; the lowest (u < -tau_collapse) are collapsed to make room. Within a
+    zoom there is no cooldown between rounds (an entry made in a round can move in the next),
+    and a sibling group is collapsed only if its best child is below -tau_collapse (the group
+    score is the max, so a group that holds a wanted block is never folded back: no
+    oscillation). No room is reserved for incoming tokens (the caller appends the answer
+    prompt after a refocus of its own). The protected newest blocks stay raw (allocate's rule).
+    -> (wc, ZoomLog)."""
+    rcfg = dataclasses.replace(fcfg, cooldown=0, group_score="max")
+
+    def cond(c):
+        r, _, acted, _, _ = c
+        return (r < rounds) & acted
+
+    def body(c):
+        r, wc, _, ex, co = c
+        u = entry_scores(wc, block_u, wcfg)
+        wc, log = allocate(wc, u, wcfg, rcfg, incoming=0)
+        ne = jnp.sum(log.kind_A == KIND_EXPAND).astype(jnp.int32)
+        nc = jnp.sum(log.kind_A == KIND_COLLAPSE).astype(jnp.int32)
+        return r + 1, wc, (ne + nc) > 0, ex.at[r].set(ne), co.at[r].set(nc)
+
+    z = jnp.zeros((max(rounds, 1),), jnp.int32)
+    r, wc, acted, ex, co = jax.lax.while_loop(cond, body, (jnp.int32(0), wc, jnp.bool_(True),
+                                                           z, z))
+    stop = jnp.where(acted, ZOOM_ROUND_LIMIT, ZOOM_CONVERGED).astype(jnp.int32)
+    return wc, ZoomLog(rounds=r, expands_R=ex[:rounds], collapses_R=co[:rounds], stop=stop)

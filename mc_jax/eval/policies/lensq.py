@@ -10,7 +10,11 @@ tasks of the training split whose gold blocks are free labels (experiments/lens_
 
 The policy keeps the same blocks raw as `retrieve` does for its scores: the best block and its
 neighbours (`retrieve.with_neighbours`, top=1), the rest of the WC recency gists, so the two
-differ only in the scorer. Its networks are the shipped GistNet and the fitted LensNet,
+differ only in the scorer. `lensq_zoom` (focus="zoom") instead zooms before answering
+(`core.focus.zoom`, issue 19 item 3): refocus rounds on the LensNet's scores (a gist scores the
+best of its blocks) expand every gist over a block with u > tau_expand, top level first, down to
+raw blocks, and collapse entries with u < -tau_collapse for room, until a round makes no move or
+8 rounds have run; how many blocks end raw is then the LensNet's call, not a fixed top-1. Its networks are the shipped GistNet and the fitted LensNet,
 `mc_jax/assets/cpu_small_q` (`Unavailable` without them).
 
 Letters: n blocks, K block size, H heads, R features, Q query tokens, D d_model.
@@ -27,7 +31,9 @@ import numpy as np
 from mc_jax.base import base_model as bm
 from mc_jax.core import lens_features as lf
 from mc_jax.core.working_context import NEVER_EDITED
-from mc_jax.errors import MissingResourceError
+from mc_jax.base.sampling import bucket
+from mc_jax.errors import InputError, MissingResourceError
+from mc_jax.eval.policies.megacontext import raw_history_blocks
 from mc_jax.eval.policies.retrieval import bm25_scores
 from mc_jax.eval.policies.retrieve import RetrievePolicy, with_neighbours
 
@@ -135,15 +141,53 @@ class LensQPolicy(RetrievePolicy):
     """`lensq`: the fitted question-aware LensNet ranks the blocks; the best and its neighbours
     are kept raw (see the module docstring)."""
 
-    def __init__(self, base_model, budget, gist_model, lens_q, **kw):
+    def __init__(self, base_model, budget, gist_model, lens_q, *, focus: str = "top",
+                 zoom_rounds: int = 8, **kw):
+        if focus not in ("top", "zoom"):
+            raise InputError(f"lensq focus={focus!r}: use 'top' or 'zoom'")
         super().__init__(base_model, budget, gist_model, **kw)
-        self.name = "lensq"
-        self.lens_q = lens_q
+        self.name = "lensq" if focus == "top" else "lensq_zoom"
+        self.lens_q, self.focus, self.zoom_rounds = lens_q, focus, int(zoom_rounds)
+
+    def _refocus(self, s, ids, prompt, gold_blocks) -> dict:
+        if self.focus == "top":
+            return super()._refocus(s, ids, prompt, gold_blocks)
+        from mc_jax.core import focus as fm
+
+        K, n = self.K, len(ids) // self.K
+        self._live_keys = s.retrieval_keys(n)
+        try:
+            u = self.block_scores(ids[:n * K], np.asarray(prompt.tail[prompt.q_start:
+                                                                       prompt.q_end]))
+        finally:
+            self._live_keys = None
+        unit = K ** (s.cfg.wcfg.depth - 1)
+        size = unit * int(bucket(-(-(len(s.ids) // K + 1) // unit)))
+        pad = np.full(size, -1.0, np.float32)
+        pad[:n] = u
+        wc, zlog = _zoom(s.state.wc, jnp.asarray(pad), s.cfg.wcfg, fm.FocusConfig(),
+                         self.zoom_rounds)
+        s.state = s.state.replace(wc=wc)
+        z = jax.device_get(zlog)
+        order = [int(b) for b in np.argsort(-u, kind="stable")]
+        raw = set(raw_history_blocks(wc, n))
+        return {"block_scores": u.astype(np.float32), "kept": [b for b in order if b in raw
+                                                               and u[b] > 0.2],
+                "zoom": dict(rounds=int(z.rounds), stop=int(z.stop),
+                             expands=[int(x) for x in z.expands_R[:int(z.rounds)]],
+                             collapses=[int(x) for x in z.collapses_R[:int(z.rounds)]])}
 
     def block_scores(self, history_ids, question_ids) -> np.ndarray:
         feat = case_features(self, history_ids, question_ids)
         n = len(feat["gists"])
         return np.asarray(lens_scores(self.lens_q, inputs_from_features(feat)))[:n]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _zoom(wc, block_u, wcfg, fcfg, rounds):
+    from mc_jax.core import focus as fm
+
+    return fm.zoom(wc, block_u, wcfg, fcfg, rounds)
 
 
 def make_lensq_policy(base_model, budget: int, checkpoint=None, **kw) -> LensQPolicy:
@@ -160,7 +204,8 @@ def make_lensq_policy(base_model, budget: int, checkpoint=None, **kw) -> LensQPo
         raise MissingResourceError(f"{path}: its LensNet is not question-aware (n_match "
                                    f"{lens.config.n_match}, query {lens.config.query})")
     _check_budget(budget, gist.config.depth)
-    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta") if k in kw}
+    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta", "focus", "zoom_rounds")
+           if k in kw}
     tc = info.get("train_config", {})
     kw.setdefault("position_mode", tc.get("position_mode", "compact"))
     kw.setdefault("rope_damping", bool(tc.get("rope_damping", False)))

@@ -53,7 +53,8 @@ from mc_jax.eval.policies.retrieve import make_retrieve_policy
 # K, NotApplicable and Unavailable are re-exported: evaluators and the sweep use them from here
 from mc_jax.eval.policies.protocol import K, NotApplicable, Policy, Unavailable  # noqa: F401
 
-MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle", "retrieve", "lensq") + RETRIEVAL_POLICIES
+MC_POLICIES = MEGACONTEXT_POLICIES + ("oracle", "retrieve", "lensq", "lensq_zoom") + \
+    RETRIEVAL_POLICIES
 
 _POLICIES: dict[str, Callable[..., Policy]] = {
     "truncate": window.TruncatePolicy,
@@ -87,8 +88,10 @@ def _megacontext_factory(name: str):
                 return make_oracle_policy(model, budget, checkpoint=checkpoint, **kw)
             if name == "retrieve":
                 return make_retrieve_policy(model, budget, checkpoint=checkpoint, **kw)
-            if name == "lensq":
-                return make_lensq_policy(model, budget, checkpoint=checkpoint, **kw)
+            if name in ("lensq", "lensq_zoom"):
+                return make_lensq_policy(model, budget, checkpoint=checkpoint,
+                                         **({"focus": "zoom"} if name == "lensq_zoom" else {}),
+                                         **kw)
             if name in RETRIEVAL_POLICIES:
                 return make_retrieval_policy(name, model, budget, checkpoint=checkpoint, **kw)
             return make_megacontext_policy(name, model, budget, checkpoint=checkpoint, **kw)
