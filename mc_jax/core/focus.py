@@ -335,17 +335,39 @@ def entry_scores(wc: WorkingContext, block_u: jax.Array, wcfg: WCConfig) -> jax.
 def zoom(wc: WorkingContext, block_u: jax.Array, wcfg: WCConfig, fcfg: FocusConfig,
          rounds: int = 8):
     """Zoom before answering (issue 19, item 3): refocus rounds until a round makes no move or
-    `rounds` have run, all in one `lax.while_loop`. Each round is one `allocate` voluntary
-    phase (at most fcfg.n_diff moves) on the entries' scores from `entry_scores`: the gists
-    over the best blocks (u > tau_expand) are expanded one level per round, top level first,
-    down to raw blocks; the lowest (u < -tau_collapse) are collapsed to make room. Within a
-    zoom there is no cooldown between rounds (an entry made in a round can move in the next),
-    and a sibling group is collapsed only if its best child is below -tau_collapse (the group
-    score is the max, so a group that holds a wanted block is never folded back: no
-    oscillation). No room is reserved for incoming tokens (the caller appends the answer
-    prompt after a refocus of its own). The protected newest blocks stay raw (allocate's rule).
+    `rounds` have run, all in one `lax.while_loop`; each round makes at most fcfg.n_diff moves.
+
+    Scores: `entry_scores` (a gist scores the best of its blocks, so it bounds its descendants
+    and the walk goes top-down without expanding everything). A move: the best expandable entry
+    with u > tau_expand is the target; if the budget has room for it (cost + K - 1 <= w_max) it
+    is expanded (one level: a top-level gist into its children, a LOD1 gist into its raw block);
+    otherwise the lowest-scored legal collapse (an unprotected complete raw block, or a
+    complete sibling group scored by its best child) whose score is below the target's is made,
+    to free room; if there is none, the round stops (the budget is spent on better entries).
+    Nothing is collapsed when nothing is wanted, and nothing at least as wanted as the target is
+    collapsed for it, so a zoom cannot undo itself. No cooldown inside a zoom; entries made in a
+    move get age 0. The protected newest blocks stay raw (they are never collapse candidates).
     -> (wc, ZoomLog)."""
-    rcfg = dataclasses.replace(fcfg, cooldown=0, group_score="max")
+    K = wcfg.block_size
+    tau_e = jnp.float32(fcfg.tau_expand)
+    ccfg = dataclasses.replace(fcfg, group_score="max")
+
+    def move(_, carry):
+        wc, ne, nc, stuck = carry
+        u = entry_scores(wc, block_u, wcfg)
+        want = wcm.expandable(wc, wcfg) & (u > tau_e)
+        has_e = jnp.any(want) & ~stuck
+        e_idx = jnp.argmax(jnp.where(want, u, -jnp.inf))
+        room = wc.total_cost() + (K - 1) <= wcfg.w_max
+        _, cscore = _candidates(wc, u, wcfg, ccfg, voluntary=False)
+        c_idx = jnp.argmin(cscore)
+        can_c = cscore[c_idx] < u[e_idx]
+        do_e = has_e & room
+        do_c = has_e & ~room & can_c
+        kind = jnp.where(do_e, wcm.EXPAND, jnp.where(do_c, wcm.COLLAPSE, 0))
+        wc, _ = wcm.splice(wc, kind, jnp.where(do_e, e_idx, c_idx), wcfg, fresh_age=0, u_E=u)
+        return (wc, ne + do_e.astype(jnp.int32), nc + do_c.astype(jnp.int32),
+                stuck | (has_e & ~room & ~can_c))
 
     def cond(c):
         r, _, acted, _, _ = c
@@ -353,10 +375,8 @@ def zoom(wc: WorkingContext, block_u: jax.Array, wcfg: WCConfig, fcfg: FocusConf
 
     def body(c):
         r, wc, _, ex, co = c
-        u = entry_scores(wc, block_u, wcfg)
-        wc, log = allocate(wc, u, wcfg, rcfg, incoming=0)
-        ne = jnp.sum(log.kind_A == KIND_EXPAND).astype(jnp.int32)
-        nc = jnp.sum(log.kind_A == KIND_COLLAPSE).astype(jnp.int32)
+        wc, ne, nc, _ = jax.lax.fori_loop(0, fcfg.n_diff, move,
+                                          (wc, jnp.int32(0), jnp.int32(0), jnp.bool_(False)))
         return r + 1, wc, (ne + nc) > 0, ex.at[r].set(ne), co.at[r].set(nc)
 
     z = jnp.zeros((max(rounds, 1),), jnp.int32)
