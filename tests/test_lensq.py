@@ -58,8 +58,12 @@ def model():
     return TinyBase(CFG, bm.init_params(CFG, jax.random.PRNGKey(0)), ByteTokenizer())
 
 
-def _export(path, **lens_kw):
-    gcfg = GistNetConfig.tiny(d_model=CFG.d_model)
+def _export(path, model=None, **lens_kw):
+    # mean-pool gists as `load_nets(meanpool=True)` builds them: the sessions (and their
+    # compiles) are those of the retrieve tests
+    gcfg = (GistNetConfig.tiny(d_model=CFG.d_model) if model is None else
+            GistNetConfig(d_model=CFG.d_model, depth=2, kind="mean_pool",
+                          embed_rms=bm.embedding_rms(model.params)))
     lcfg = LensNetConfig.tiny(d_model=CFG.d_model, **lens_kw)
     gist, lens = build_gist_model(gcfg, rngs=nnx.Rngs(1)), LensNet(lcfg, rngs=nnx.Rngs(2))
     nets_io.save_networks(path, nnx.state(gist, nnx.Param), nnx.state(lens, nnx.Param), gcfg,
@@ -68,7 +72,7 @@ def _export(path, **lens_kw):
 
 
 def test_lensq_policy_ranks_by_its_lensnet(model, tmp_path):
-    lens = _export(tmp_path / "q", n_match=lensq.n_match(len(HEADS)), query=True)
+    lens = _export(tmp_path / "q", model, n_match=lensq.n_match(len(HEADS)), query=True)
     p = pol.make_policy("lensq", model, 192, checkpoint=tmp_path / "q", window=64)
     assert p.heads == HEADS
     hist = np.random.default_rng(3).integers(0, 256, 640).astype(np.int32)
@@ -87,7 +91,7 @@ def test_lensq_policy_ranks_by_its_lensnet(model, tmp_path):
 
 
 def test_lensq_zoom_expands_what_its_lensnet_wants(model, tmp_path, monkeypatch):
-    _export(tmp_path / "q", n_match=lensq.n_match(len(HEADS)), query=True)
+    _export(tmp_path / "q", model, n_match=lensq.n_match(len(HEADS)), query=True)
     p = pol.make_policy("lensq_zoom", model, 384, checkpoint=tmp_path / "q", window=64)
     hist = np.random.default_rng(4).integers(0, 256, 900).astype(np.int32)
     n, hot = len(hist) // 32, (3, 11)

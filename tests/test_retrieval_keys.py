@@ -31,7 +31,7 @@ def stream():
     return np.random.default_rng(5).integers(0, 256, 12 * K + 7).astype(np.int32)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6))
 def test_keystore_equals_history_keys_for_any_feeding(model, stream, sizes):
     store = KeyStore(model, ((1, 0),), window=WIN, prefix=PRE, block_size=K)

@@ -80,7 +80,7 @@ def _case(n_blocks, seed, hot):
     return wc, jnp.asarray(u)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(20, 240), st.integers(0, 10 ** 6),
        st.lists(st.integers(0, 10 ** 4), max_size=12), st.integers(1, 10))
 def test_zoom_equals_the_reference_and_reaches_the_wanted_blocks(n_blocks, seed, hot, R):

@@ -19,8 +19,10 @@ every (depth, placement) pair twice.
 Policies at W: full (when history + question + answer fit the base's 8,192 positions: here the
 2k and 4k histories), truncate, sinks, recency, lens (the shipped networks), and the
 training-free references bm25 (BM25-ranked blocks raw), retrieve (the blocks the base's own
-attention from the question finds, raw: issue 19) and needle_oracle (the gold blocks raw), each
-with the rest as recency gists.
+attention from the question finds, raw: issue 19), the learned lensq (a question-aware LensNet
+ranks the blocks: its best block and neighbours raw) and lensq_zoom (the same LensNet, zooming
+down the tree before answering), and needle_oracle (the gold blocks raw), each with the rest as
+recency gists.
 
 Prompt style, decided before any RULER answer on SmolLM2 was seen (the rule is fixed here; its
 outcome is in experiments/results/cpu_ruler_chat_probe): the `chat_probe` variant asks the
@@ -32,8 +34,8 @@ higher full-context accuracy is used by `quick` and the full config; on a tie, t
 Cost on 2 CPU cores (measured, see experiments/results/cpu_ruler_quick/README.md): `quick` took
 76 min of item time on cores shared with test runs (35 of them `retrieve`'s, which runs the base's
 first 18 layers over every history; ~40 min without it), not the ~20 the issue asked for. The
-full config (2,400 answers at W = 512; its first 359 rows measured ~16 s per answer on average,
-45 s for `retrieve`) is estimated at ~9 h on 2 idle cores; it is resumable, and it reuses the
+full config (3,000 answers at W = 512, ten policies; its first 359 rows measured ~16 s per answer on average,
+45 s for `retrieve`) is estimated at ~11 h on 2 idle cores; it is resumable, and it reuses the
 quick run's rows (same keys) when started from a copy of its results.jsonl. Items run case-major,
 so a partial run covers every cell with its first cases.
 """
@@ -42,7 +44,8 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GENESIS = str(DATA / "kjv_genesis.txt")
-POLICIES = ["full", "truncate", "sinks", "recency", "bm25", "retrieve", "lens", "needle_oracle"]
+POLICIES = ["full", "truncate", "sinks", "recency", "bm25", "retrieve", "lens", "lensq",
+            "lensq_zoom", "needle_oracle"]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 TASKS = [dict(task="niah_single", label="niah_single", haystack="noise"),
          dict(task="niah_multikey", label="niah_multikey", haystack="prose", text=GENESIS),
@@ -65,7 +68,8 @@ def get_config(variant=None):
         ruler.update(budgets=[512], lengths=[2048, 8192, 32768], cases=4)
     elif variant == "quick_lensq":  # lensq on quick's cases (its other policies: cpu_ruler_quick)
         cfg["name"] = "cpu_ruler_quick_lensq"
-        ruler.update(policies=["lensq"], budgets=[512], lengths=[2048, 8192, 32768], cases=4)
+        ruler.update(policies=["lensq", "lensq_zoom"], budgets=[512],
+                     lengths=[2048, 8192, 32768], cases=4)
     elif variant == "chat_probe":
         cfg["name"] = "cpu_ruler_chat_probe"
         probe = [dict(t, label=t["label"] + "/chat") for t in TASKS] + \
