@@ -295,6 +295,11 @@ def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> st
     log(f"[mc-jax] {policy}: kept raw blocks {f['kept']} (best first; block b = history tokens "
         f"[{K}b, {K}b+{K})); the base read {len(f['raw_blocks'])} of {n_hist} complete history "
         f"blocks raw: {f['raw_blocks']}")
+    if "zoom" in f:
+        z = f["zoom"]
+        how = "converged" if z["stop"] == 0 else "round limit"
+        log(f"[mc-jax] {policy}: zoomed in {z['rounds']} rounds ({how}): expansions "
+            f"{z['expands']}, collapses for room {z['collapses']}")
     if args.show_focus:  # the text each kept block brought back
         scores = f.get("block_scores")
         for b in f["kept"]:
