@@ -7,7 +7,8 @@ median of each reported (shared cores drift: alternating lets the drift hit all 
 
 (a) prefill: the plain base, one forward over the N tokens (what reading the history costs a
     base with N positions of context);
-(b) ingest: `Session.ingest` without retrieval keys (GistNet only, no base forward);
+(b) ingest: `Session.ingest` without retrieval keys (the shipped GistNet only, no base forward;
+    mean-pool gists on the tiny base);
 (c) ingest + keys: `Session(retrieval_heads=HEADS).ingest` (the base's first max(layer)+1
     layers over each 512-token window, `mc_jax.runtime.retrieval_keys.KeyStore`).
 
@@ -53,7 +54,9 @@ def main(argv=None) -> dict:
 
         model = loading.load_base(None)
         heads = HEADS
-    gist, _, _ = load_nets(model, None, need_trained=False, meanpool=True)
+    # the shipped GistNet on SmolLM2 (what a Session ingests with); mean-pool gists on tiny
+    gist, _, _ = load_nets(model, None, need_trained=a.model == "smollm2",
+                           meanpool=a.model == "tiny")
     K = gist.config.block_size
     N = a.tokens // K * K
     ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, N).astype(np.int32)
