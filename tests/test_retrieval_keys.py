@@ -40,8 +40,8 @@ def test_keystore_equals_history_keys_for_any_feeding(model, stream, sizes):
         fed = min(fed + size * 8, len(stream))
         store.update(stream[:fed])
         got = store.keys(stream[:fed])
-        want = history_keys(model, stream[:fed], 2, window=WIN, prefix=PRE, K=K)[[1]]
-        assert got.shape == want.shape == (1, fed // K, K, CFG.n_kv_heads, CFG.head_dim)
+        want = history_keys(model, stream[:fed], 2, window=WIN, prefix=PRE, K=K)[[1]][..., [0], :]
+        assert got.shape == want.shape == (1, fed // K, K, 1, CFG.head_dim)  # head 0: KV head 0
         np.testing.assert_allclose(got, want, atol=1e-5)
         if fed // K >= 2:
             np.testing.assert_allclose(store.keys(stream[:fed], 2), want[:, :2], atol=1e-5)
@@ -58,9 +58,14 @@ def test_session_keeps_the_keys_as_it_ingests_and_steps(model, stream):
     s.step(stream[5 * K:6 * K])
     s.ingest(stream[6 * K:9 * K])
     ids = np.asarray(s.ids)
-    np.testing.assert_allclose(s.retrieval_keys(),
-                               history_keys(model, ids, 2, window=WIN, prefix=PRE, K=K),
-                               atol=1e-5)
+    assert s.keys.kv_heads == [0]  # query heads 0 and 1 share KV head 0 (4 heads, 2 KV heads)
+    want = history_keys(model, ids, 2, window=WIN, prefix=PRE, K=K)[..., [0], :]
+    np.testing.assert_allclose(s.retrieval_keys(), want, atol=1e-5)
+    s3 = Session(model, 192, gist, None, policy="recency", capacity_tokens=1024,
+                 retrieval_heads=((0, 3),), retrieval_window=WIN, retrieval_prefix=PRE)
+    s3.ingest(stream[:3 * K])
+    want = history_keys(model, s3.ids, 1, window=WIN, prefix=PRE, K=K)[..., [1], :]
+    np.testing.assert_allclose(s3.retrieval_keys(), want, atol=1e-5)
     assert s.keys.nbytes > 0
     s.reset()
     assert s.retrieval_keys().shape[1] == 0

@@ -12,7 +12,8 @@ the question's tokens (`head_scores`), and the largest logit excess (`head_stats
 
 `KeyStore` keeps them for a stream: `Session(retrieval_heads=...)` fills it as blocks arrive (a
 window when its last block is ingested, the trailing partial window on demand), in host memory:
-(layers read) x (KV heads) x head_dim float32 per token. Why per-token keys and not summaries:
+(layers read) x (KV heads read) x head_dim float32 per token (SmolLM2's three heads: 2 layers x
+1 KV head x 64 = 512 bytes). Why per-token keys and not summaries:
 experiments/retrieval_heads/README.md (mean keys, Quest bounds, InfLLM representatives and
 top-down LOD2 search all lost the gold block far more often than per-token keys).
 
@@ -101,15 +102,16 @@ def _head_stats(q_TxF, k_nxKxF, delta, rope_base):
     return mass, excess
 
 
-def head_stats(q, k, heads, cfg, delta: int = DELTA, layer_index=None):
+def head_stats(q, k, heads, cfg, delta: int = DELTA, layer_index=None, kv_index=None):
     """(mass [H, n], excess [H, n]) per head of `heads` (see `_head_stats`; shapes as in
-    `head_scores`)."""
+    `head_scores`; kv_index: the KV heads k holds, in order, when not all of them)."""
     where = {layer: i for i, layer in enumerate(layer_index or range(q.shape[0]))}
     group = cfg.n_heads // cfg.n_kv_heads
+    kv_at = {g: j for j, g in enumerate(kv_index or range(cfg.n_kv_heads))}
     mass, excess = [], []
     for layer, h in heads:
         i = where[layer]
-        m, e = _head_stats(jnp.asarray(q[i, :, h]), jnp.asarray(k[i, :, :, h // group]),
+        m, e = _head_stats(jnp.asarray(q[i, :, h]), jnp.asarray(k[i, :, :, kv_at[h // group]]),
                            float(delta), float(cfg.rope_base))
         mass.append(np.asarray(m))
         excess.append(np.asarray(e))
@@ -124,14 +126,22 @@ def head_scores(q, k, heads, cfg, delta: int = DELTA, layer_index=None) -> np.nd
     out = []
     for layer, h in heads:
         i = where[layer]
-        out.append(np.asarray(_head_mass(jnp.asarray(q[i, :, h]), jnp.asarray(k[i, :, :, h // group]),
+        out.append(np.asarray(_head_mass(jnp.asarray(q[i, :, h]),
+                                         jnp.asarray(k[i, :, :, h // group]),
                                          float(delta), float(cfg.rope_base))))
     return np.stack(out)
 
 
+def kv_heads_of(heads, cfg) -> list[int]:
+    """The KV heads (sorted) that the (layer, query head) pairs read."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    return sorted({int(h) // group for _, h in heads})
+
+
 class KeyStore:
-    """Pre-RoPE keys [len(layers), n, K, G, F] of a stream's complete blocks, for the layers the
-    `heads` read, computed window by window exactly as `history_keys` computes them at once."""
+    """Pre-RoPE keys [len(layers), n, K, len(kv_heads), F] of a stream's complete blocks: the
+    layers and the KV heads the `heads` read (`kv_heads_of`), computed window by window exactly
+    as `history_keys` computes them at once (and then selects)."""
 
     def __init__(self, model, heads, *, window: int = WINDOW, prefix=(), block_size: int = 32):
         if window % block_size:
@@ -140,11 +150,12 @@ class KeyStore:
         self.model, self.window, self.K = model, int(window), int(block_size)
         self.heads = tuple((int(a), int(b)) for a, b in heads)
         self.layers = sorted({layer for layer, _ in self.heads})
+        self.kv_heads = kv_heads_of(self.heads, model.cfg)
         self.prefix = np.asarray(prefix, np.int32)
         self.reset()
 
     def reset(self) -> None:
-        self._done: list[np.ndarray] = []  # complete windows, [L, window, G, F] each
+        self._done: list[np.ndarray] = []  # complete windows, [L, window, G_sel, F] each
         self._partial: tuple[int, np.ndarray] | None = None
 
     def _window(self, chunk) -> np.ndarray:
@@ -155,7 +166,7 @@ class KeyStore:
         valid = np.arange(P + W) < P + len(ids)
         _, k = _window_qk(self.model.params, cfg, jnp.asarray(x[None]), jnp.asarray(valid[None]),
                           self.layers[-1] + 1)
-        return np.asarray(k)[self.layers, P:P + len(ids)]
+        return np.asarray(k)[self.layers, P:P + len(ids)][:, :, self.kv_heads]
 
     def update(self, ids) -> None:
         """Compute the windows that the stream `ids` (all its tokens so far) has completed."""
@@ -166,7 +177,7 @@ class KeyStore:
             self._partial = None
 
     def keys(self, ids, n_blocks: int | None = None) -> np.ndarray:
-        """[L, n, K, G, F] for the first n_blocks (default: all complete) blocks of `ids`."""
+        """[L, n, K, G_sel, F] for the first n_blocks (default: all complete) blocks of `ids`."""
         ids = np.asarray(ids)
         self.update(ids)
         n = len(ids) // self.K if n_blocks is None else int(n_blocks)
@@ -179,11 +190,10 @@ class KeyStore:
             if self._partial is None or self._partial[0] != m:
                 self._partial = (m, self._window(ids[s:s + m]))
             parts.append(self._partial[1])
-        cfg = self.model.cfg
+        G, F = len(self.kv_heads), self.model.cfg.head_dim
         flat = (np.concatenate(parts, axis=1) if parts else
-                np.zeros((len(self.layers), 0, cfg.n_kv_heads, cfg.head_dim), np.float32))
-        flat = flat[:, :n * self.K]
-        return flat.reshape(len(self.layers), n, self.K, cfg.n_kv_heads, cfg.head_dim)
+                np.zeros((len(self.layers), 0, G, F), np.float32))
+        return flat[:, :n * self.K].reshape(len(self.layers), n, self.K, G, F)
 
     @property
     def nbytes(self) -> int:

@@ -16,7 +16,8 @@ best of its blocks) expand every gist over a block with u > tau_expand, top leve
 raw blocks, collapsing the least wanted entries for room, until a round makes no move or 8
 rounds have run; the scores it zooms on are `zoom_scores` (relative to the best block, with
 neighbours), so the best block and its neighbours are always wanted and any other block within
-ZOOM_WITHIN of the best too: how many end raw is then the LensNet's call and the budget's. Its networks are the shipped GistNet and the fitted LensNet,
+ZOOM_WITHIN of the best too: how many end raw is then the LensNet's call and the budget's.
+Its networks are the shipped GistNet and the fitted LensNet,
 `mc_jax/assets/cpu_small_q` (`Unavailable` without them).
 
 Letters: n blocks, K block size, H heads, R features, Q query tokens, D d_model.

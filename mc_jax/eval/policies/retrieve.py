@@ -28,9 +28,9 @@ import hashlib
 import numpy as np
 
 from mc_jax.eval.policies.retrieval import RetrievalPolicy, make_gists
-from mc_jax.runtime.retrieval_keys import (DELTA, HEADS, WINDOW, _head_mass, _head_stats,  # noqa: F401
-                                           _window_qk, head_scores, head_stats, history_keys,
-                                           question_queries)
+from mc_jax.runtime.retrieval_keys import (  # noqa: F401  (re-exported for the probes)
+    DELTA, HEADS, WINDOW, _head_mass, _head_stats, _window_qk, head_scores, head_stats,
+    history_keys, kv_heads_of, question_queries)
 
 _KEYS: dict = {}  # the last history's keys (one entry), memoised across policy instances
 
@@ -69,6 +69,7 @@ class RetrievePolicy(RetrievalPolicy):
         self.heads = heads
         self.top, self.window, self.delta = int(top), int(window), int(delta)
         self._layers = sorted({layer for layer, _ in self.heads})
+        self._kv = kv_heads_of(self.heads, base_model.cfg)
         self._sink = prefix
         self._live_keys = None  # the answering session's keys, set by _refocus
 
@@ -96,12 +97,12 @@ class RetrievePolicy(RetrievalPolicy):
                 k = history_keys(self.model, history_ids, n_layers, window=self.window,
                                  prefix=self._prefix(), K=K)
                 _KEYS.clear()
-                _KEYS[digest] = k[self._layers]  # keep the selected layers only
+                _KEYS[digest] = k[self._layers][..., self._kv, :]  # the layers, KV heads read
             k = _KEYS[digest]
         q = question_queries(self.model, np.asarray(history_ids)[:len(history_ids) // K * K],
                              question_ids, n_layers, window=self.window, prefix=self._prefix())
         return head_stats(q[self._layers], k, self.heads, self.model.cfg, self.delta,
-                          layer_index=self._layers)
+                          layer_index=self._layers, kv_index=self._kv)
 
     def block_scores(self, history_ids, question_ids) -> np.ndarray:
         """Summed attention mass per complete history block [n] (memoised per history)."""
