@@ -233,14 +233,18 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
         log(f"resumed from step {int(state.step)} ({mgr.directory})")
     elif resume:
         log("no checkpoint to resume from: starting fresh")
-    if resume:
+    # one writer of the run's files: process 0 (every process of a multi-host run logs the same
+    # global metrics; Orbax coordinates the checkpoint itself)
+    lead = jax.process_index() == 0
+    if resume and lead:
         _trim_metrics(workdir / "metrics.jsonl", int(state.step))
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    os.replace(tmp, workdir / "config.json")
+    if lead:
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(cfg.to_json())
+        os.replace(tmp, workdir / "config.json")
     step_fn = compile_train_step(m, mesh)
-    writer = _writer(workdir)
-    metrics_file = open(workdir / "metrics.jsonl", "a")
+    writer = _writer(workdir) if lead else None
+    metrics_file = open(workdir / "metrics.jsonl" if lead else os.devnull, "a")
     start = int(state.step)
     first_loss = last_loss = None
     pending = None  # (step, metrics) of the step dispatched last: read after the next dispatch
