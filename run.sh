@@ -56,10 +56,11 @@ case "$cmd" in
   demo)
     setup
     # A fact planted 1,900 tokens into a 12k-token history (Genesis, KJV), a 512-slot working
-    # context: the base's own attention finds it (retrieve); truncation and LensNet answer too
+    # context: the question-aware LensNet finds it (lensq); the training-free retrieve, truncation
+    # and the shipped LensNet answer too
     exec .venv/bin/mc-jax generate --input experiments/data/genesis_planted.txt --budget 512 \
       --question "What was the number of the gate of the garden?" --max-new-tokens 24 \
-      --policy retrieve --show-focus --compare truncate --compare lens "$@" ;;
+      --policy lensq --show-focus --compare retrieve --compare truncate --compare lens "$@" ;;
   test)
     setup
     export PYTHONHASHSEED=0
