@@ -142,17 +142,13 @@ def eval_cases(tok, cases=range(4)):
 
 
 def main(split: str, n: int = 96) -> None:
-    import jax.numpy as jnp
-
-    from mc_jax.base import base_model as bm
     from mc_jax.base import loading
     from mc_jax.base.chat import build_prompt
-    from mc_jax.eval.policies.retrieval import bm25_scores
+    from mc_jax.eval.policies.lensq import case_features
     from mc_jax.eval.policies.retrieve import make_retrieve_policy
 
     model = loading.load_base(None)
     pol = make_retrieve_policy(model, 512)
-    gist = pol._gist
     K = pol.K
     out_dir = CACHE / split
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,16 +167,11 @@ def main(split: str, n: int = 96) -> None:
             (case.question, case.answer_prefix)
         pr = build_prompt(model.tokenizer, q[0], chat=chat, answer_prefix=q[1])
         q_ids = np.asarray(pr.tail[pr.q_start:pr.q_end], np.int32)
-        mass, excess = pol.block_stats(ids, q_ids)
-        bm25 = bm25_scores(ids[:nb * K].reshape(nb, K), q_ids)
-        emb = bm.embed_tokens(model.params, jnp.asarray(ids[:nb * K]))
-        g1 = np.asarray(gist(1, emb.reshape(nb, K, -1)), np.float32)
-        q_emb = np.asarray(bm.embed_tokens(model.params, jnp.asarray(q_ids)), np.float32)
+        feat = case_features(pol, ids, q_ids)  # what the lensq policy reads
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, mass=mass, excess=excess, bm25=bm25, gists=g1, q_emb=q_emb,
-                 gold=np.asarray(case.gold_blocks, np.int32),
-                 distractor=np.asarray(case.distractor_blocks, np.int32), n_q=len(q_ids),
-                 task=case.task, n_tokens=len(ids))
+        np.savez(tmp, **feat, gold=np.asarray(case.gold_blocks, np.int32),
+                 distractor=np.asarray(case.distractor_blocks, np.int32), task=case.task,
+                 n_tokens=len(ids))
         tmp.rename(path)
         print(f"{split} {name}: {nb} blocks, gold {list(case.gold_blocks)}, "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
