@@ -3,10 +3,7 @@
 #   bash launch/train_single_host.sh --config gpu_poc --workdir runs/poc
 #   FAKE_CPU_DEVICES=8 bash launch/train_single_host.sh --config tiny --workdir runs/tiny8
 # The global batch is split over a 'data' mesh of every device; resume with --resume.
+# (launch/train.sh --cluster local, kept for its short form.)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -n "${FAKE_CPU_DEVICES:-}" ]; then
-  export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$FAKE_CPU_DEVICES"
-fi
-bash run.sh setup
-exec .venv/bin/mc-jax train "$@"
+exec bash "$(dirname "$0")/train.sh" --cluster local \
+  ${FAKE_CPU_DEVICES:+--fake-cpu-devices "$FAKE_CPU_DEVICES"} -- "$@"

@@ -1,7 +1,9 @@
-"""Two JAX processes on localhost (issue 17, item 1): `mc-jax train --config tiny` run as two
-processes of 4 CPU devices each (jax.distributed with a coordinator on 127.0.0.1, gloo
-collectives) gives the losses and parameters of one process with 8 devices, logs each step once,
-and its checkpoint resumes in one process. Bounded in time; every process it starts is stopped.
+"""Two JAX processes on localhost (issue 17, items 1 and 5): `launch/train.sh --cluster slurm --
+--config tiny` run as the two tasks of an emulated `srun` step (the SLURM_* variables srun sets;
+JAX's own SLURM detection finds the coordinator on 127.0.0.1 and a port from the job id), 4 CPU
+devices each, gloo collectives, gives the losses and parameters of one process with 8 devices,
+logs each step once, and its checkpoint resumes in one process. Bounded in time; every process
+it starts is stopped. (The manual and TPU modes: tests/test_distributed.py.)
 (That each process reads its own shard of every global batch, none twice or skipped, is
 tests/test_data.py::test_process_shards_are_disjoint_and_reassemble_the_global_batch.)"""
 import dataclasses
@@ -24,24 +26,37 @@ STEPS, TIMEOUT_S = 4, 300
 CFG = dataclasses.replace(load_config("tiny"), steps=STEPS)  # as `--set steps=4` (the schedule)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM_PORTS = 65535 - 2 ** 12 + 1  # JAX's SLURM port: job id % 4096 + this
+
+
+def _slurm_job_id() -> int:
+    """A job id whose derived coordinator port is free on 127.0.0.1 now."""
+    for job in np.random.default_rng(os.getpid()).permutation(2 ** 12):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", SLURM_PORTS + int(job)))
+            except OSError:
+                continue
+        return 40000 + int(job) + 2 ** 12 * 7
+    pytest.fail("no free port in JAX's SLURM range")
 
 
 def _two_processes(workdir):
-    port = _free_port()
+    job = _slurm_job_id()
     procs = []
     try:
         for i in range(2):
-            env = dict(os.environ, MC_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                       MC_JAX_NUM_PROCESSES="2", MC_JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-                       XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONHASHSEED="0")
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("SLURM_", "MC_JAX_COORDINATOR", "TPU_"))}
+            env.update(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                       SLURM_PROCID=str(i), SLURM_LOCALID=str(i), MC_JAX_PYTHON=sys.executable,
+                       JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                       PYTHONHASHSEED="0")
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "mc_jax.cli", "train", "--config", "tiny", "--workdir",
-                 str(workdir), "--no-progress", "--set", f"steps={STEPS}"],
+                ["bash", os.path.join(ROOT, "launch", "train.sh"), "--cluster", "slurm",
+                 "--fake-cpu-devices", "4", "--", "--config", "tiny", "--workdir", str(workdir),
+                 "--no-progress", "--set", f"steps={STEPS}"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         deadline = time.monotonic() + TIMEOUT_S
         outs = []
@@ -50,8 +65,9 @@ def _two_processes(workdir):
                 outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1)))
             except subprocess.TimeoutExpired:
                 pytest.fail(f"a training process ran past {TIMEOUT_S} s")
-        for p, (out, err) in zip(procs, outs):
+        for i, (p, (out, err)) in enumerate(zip(procs, outs)):
             assert p.returncode == 0, err[-3000:]
+            assert f"distributed: slurm, process {i} of 2" in err  # joined as srun's task i
         return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     finally:
         for p in procs:

@@ -303,10 +303,8 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
 
 
 def maybe_init_distributed():
-    """Multi-host: `launch/train_multihost.sh` sets MC_JAX_COORDINATOR, MC_JAX_NUM_PROCESSES and
-    MC_JAX_PROCESS_ID; every process then runs the same program over the global mesh."""
-    coord = os.environ.get("MC_JAX_COORDINATOR")
-    if coord:
-        jax.distributed.initialize(coordinator_address=coord,
-                                   num_processes=int(os.environ["MC_JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["MC_JAX_PROCESS_ID"]))
+    """Multi-process: join the job this process is part of (manual MC_JAX_* variables, a SLURM
+    srun step, a TPU pod slice; `mc_jax.training.distributed`), or nothing for one process."""
+    from mc_jax.training.distributed import init_distributed
+
+    return init_distributed()
