@@ -472,8 +472,9 @@ def train_flops(cfg, bc) -> dict:
              "wc_rows_backward": rows * bwd(P, H) if gist_phase else 0,
              "lens_edit_rows_forward": (cfg.n_wc - 1) * cfg.n_edits * fwd(P, H)
              if cfg.phase in ("lens", "joint") else 0,
-             "kl_teacher_forward": fwd(C + H, C + H) if gist_phase and cfg.kl_weight > 0
-             else 0}
+             # the teacher reads at most the base's context (training/objective.py)
+             "kl_teacher_forward": fwd(min(C + H, bc.max_seq_len), min(C + H, bc.max_seq_len))
+             if gist_phase and cfg.kl_weight > 0 else 0}
     parts = {k: float(cfg.batch_size * v) for k, v in parts.items()}
     return dict(total=float(sum(parts.values())), parts=parts)
 
@@ -481,10 +482,12 @@ def train_flops(cfg, bc) -> dict:
 def fit_shape(cfg, need: float, limit: float, margin: float = 0.6) -> tuple[int, int]:
     """(batch, budget) whose step should fit `limit` bytes, from the compiled estimate `need`
     at cfg's (batch, budget): memory taken as linear in the batch and quadratic in the packed
-    row length W + H (the base's dense attention scores, kept for the backward pass,
-    dominate). The batch halves first, then W (whole blocks, >= 8 blocks). The margin covers
-    what does not shrink with W (on CPU, gpu_poc at B=1: 707 GiB at W=8128, 65 GiB at
-    W=2048, where the quadratic model says 47)."""
+    row length W + H (dense attention scores kept for the backward pass; with remat and
+    chunked attention, as gpu_poc has now, memory grows about linearly in W and the model is
+    conservative). The batch halves first, then W (whole blocks, >= 8 blocks). The margin
+    covers what does not shrink with W (on CPU, gpu_poc without remat at B=1: 707 GiB at
+    W=8128, 65 GiB at W=2048, where the quadratic model says 47; with remat and attn_chunk
+    1024 at B=8, W=8128: 96.5 GiB)."""
     B0, W0, H, K = cfg.batch_size, cfg.budget, cfg.horizon, cfg.block_size
     est = lambda B, W: need * B / B0 * ((W + H) / (W0 + H)) ** 2  # noqa: E731
     B, W = B0, W0

@@ -173,3 +173,42 @@ def test_greedy_generation_with_cache_equals_recompute(params):
         lg = bm.logits_fn(params, CFG, padded)
         ids.append(int(jnp.argmax(lg[0, len(ids) - 1])))
     assert got == ids[len(prompt):]
+
+
+def test_remat_and_chunked_attention_change_memory_not_values():
+    """`forward(remat=, attn_chunk=)`: the same hidden states and gradients (chunks that do not
+    divide T included: padded queries), and the chunked backward compiles without the [T, T]
+    score matrices (XLA's own temp-memory estimate, far below the dense one's)."""
+    cfg = bm.LlamaConfig.tiny()
+    p = bm.init_params(cfg, jax.random.PRNGKey(0))
+    T = 100
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, T, cfg.d_model))
+    valid = jnp.arange(T)[None] < jnp.array([[T], [77]])
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (2, T))
+
+    def loss(x, **kw):
+        h, _ = bm.forward(p, cfg, x, pos, valid_BxT=valid, return_hidden=True, **kw)
+        return (h * valid[..., None]).sum(), h
+
+    (_, h0), g0 = jax.value_and_grad(loss, has_aux=True)(x)
+    for kw in (dict(remat=True), dict(attn_chunk=32), dict(attn_chunk=25, remat=True),
+               dict(attn_chunk=T)):  # chunk >= T: the dense path
+        (_, h1), g1 = jax.value_and_grad(lambda x: loss(x, **kw), has_aux=True)(x)
+        np.testing.assert_allclose(np.asarray(h1), np.asarray(h0), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=1e-4)
+
+    T = 2048
+    xs = jax.ShapeDtypeStruct((1, T, cfg.d_model), jnp.float32)
+    posT = jnp.arange(T)[None]
+
+    def temp_bytes(**kw):
+        f = jax.grad(lambda x: bm.forward(p, cfg, x, posT, return_hidden=True, **kw)[0].sum())
+        mem = jax.jit(f).lower(xs).compile().memory_analysis()
+        if mem is None:
+            pytest.skip("this backend gives no memory analysis")
+        return mem.temp_size_in_bytes
+
+    dense, chunked = temp_bytes(), temp_bytes(attn_chunk=128, remat=True)
+    score_bytes = cfg.n_heads * T * T * 4  # one layer's [N, T, T] float32 scores
+    assert dense >= score_bytes and chunked < score_bytes / 2 and chunked < dense / 10, \
+        (dense, chunked)

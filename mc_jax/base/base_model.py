@@ -181,10 +181,31 @@ def _attend(q_BxTxNxF, k_BxSxGxF, v_BxSxGxF, mask_BxTxS):
                                         mask=mask_BxTxS[:, None, :, :])
 
 
+def _attend_chunked(q_BxTxNxF, k_BxTxGxF, v_BxTxGxF, valid_BxT, chunk: int):
+    """Causal attention over T inputs (no cache), `chunk` queries at a time: each chunk's
+    [chunk, T] scores exist only inside its step and are recomputed for the backward pass
+    (`jax.checkpoint`), so memory is O(T * chunk) instead of O(T^2). The queries are padded to
+    a multiple of chunk (the padding rows' outputs are dropped)."""
+    B, T, N, F = q_BxTxNxF.shape
+    n = -(-T // chunk)
+    q = jnp.pad(q_BxTxNxF, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))
+    q_nxBxCxNxF = q.reshape(B, n, chunk, N, F).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        i, q = args
+        rows_C = i * chunk + jnp.arange(chunk)
+        mask = (jnp.arange(T)[None, :] <= rows_C[:, None])[None] & valid_BxT[:, None, :]
+        return _attend(q, k_BxTxGxF, v_BxTxGxF, mask)
+
+    out = jax.lax.map(one, (jnp.arange(n), q_nxBxCxNxF))
+    return out.swapaxes(0, 1).reshape(B, n * chunk, N, F)[:, :T]
+
+
 def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_BxT=None,
             sigma_BxT=None, cache: KVCache | None = None, cache_index=None,
             return_hidden: bool = False, adapter=None, adapt_BxT=None,
-            capture_qk: int | None = None):
+            capture_qk: int | None = None, remat: bool = False, attn_chunk: int | None = None):
     """Run the decoder.
 
     inputs: token ids [B, T] (int) or input embeddings [B, T, D] (float).
@@ -200,6 +221,11 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
       adapt_BxT is ignored without an adapter.
     capture_qk: an int n runs only the first n layers (without a cache) and returns their queries
       and keys before RoPE, (q [n, B, T, N, F], k [n, B, T, G, F]) (`layer_qk`).
+    remat, attn_chunk (training memory; the values are the same): remat recomputes each layer
+      in the backward pass instead of keeping its activations (`jax.checkpoint` per layer; only
+      the layers' inputs are kept); attn_chunk=c computes causal attention c queries at a time
+      when there is no cache and T > c (`_attend_chunked`), so no [T, T] score matrix is ever
+      whole.
     Returns (logits_BxTxV float32, new cache or None) — or the final hidden states instead of the
     logits when return_hidden.
     """
@@ -213,9 +239,10 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         valid_BxT = jnp.ones((B, T), bool)
     cos, sin = rope_tables(positions_BxT, sigma_BxT, F, cfg.rope_base)
 
+    chunked = cache is None and attn_chunk is not None and 0 < attn_chunk < T
     if cache is None:
-        causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-        mask_BxTxS = causal_TxT[None] & valid_BxT[:, None, :]
+        mask_BxTxS = None if chunked else (jnp.tril(jnp.ones((T, T), bool))[None]
+                                           & valid_BxT[:, None, :])
         cache_valid_BxS = None
     else:
         S = cache.size
@@ -259,7 +286,11 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
             v_all = jax.lax.dynamic_update_slice(v_cache_l, v.astype(v_cache_l.dtype), (0, idx, 0, 0))
         else:
             k_all, v_all = k, v
-        att = _attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
+        if chunked:
+            att = _attend_chunked(q, k_all.astype(q.dtype), v_all.astype(q.dtype), valid_BxT,
+                                  int(attn_chunk))
+        else:
+            att = _attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
         x = x + lin("wo", att.reshape(B, T, N * F), w)
         h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
         gate = lin("w_gate", h, w)
@@ -274,7 +305,8 @@ def forward(params: Params, cfg: LlamaConfig, inputs, positions_BxT, *, valid_Bx
         _, qk = jax.lax.scan(lambda x, w: layer(x, (w, None, None), True), x_BxTxD, lp_n)
         return qk
     if cache is None:
-        x_BxTxD, _ = jax.lax.scan(lambda x, w: layer(x, (w, None, None)), x_BxTxD, lp)
+        body = lambda x, w: layer(x, (w, None, None))  # noqa: E731
+        x_BxTxD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BxTxD, lp)
         new_cache = None
     else:
         x_BxTxD, (k_new, v_new) = jax.lax.scan(layer, x_BxTxD, (lp, cache.k, cache.v))

@@ -73,10 +73,17 @@ class TrainConfig:
     lens_latents: int = 16
     lens_layers: int = 2
     compute_dtype: str = "float32"
+    # training memory, same values: recompute each base layer in the backward pass instead of
+    # keeping its activations (remat), and causal attention `attn_chunk` queries at a time in the
+    # packed [WC || horizon] forward and the teacher's (0: whole)
+    remat: bool = False
+    attn_chunk: int = 0
     # losses
     contrastive_weight: float = 0.05
     contrastive_margin: float = 0.5
-    kl_weight: float = 0.0           # KL to the full-context teacher (one extra forward of C + H)
+    # KL to the full-context teacher: one extra forward of the C + H tokens, or of the newest
+    # base-context-many of them when C + H exceeds the base's context
+    kl_weight: float = 0.0
     lens_weight: float = 1.0
     utility_scale: float = 0.05      # nats/token: d / scale -> tanh regression target
     edit_lambda: float = 0.2         # regularised argmin: penalty per edit, in units of scale
@@ -167,7 +174,7 @@ _RANGES = {
     "contrastive_margin": (0, False), "kl_weight": (0, False), "lens_weight": (0, False),
     "utility_scale": (0, True), "edit_lambda": (0, False), "rank_weight": (0, False),
     "budget_weight": (0, False), "illegal_weight": (0, False), "delta_head_weight": (0, False),
-    "seed": (0, False), "log_every": (1, False), "checkpoint_every": (1, False),
+    "seed": (0, False), "log_every": (1, False), "attn_chunk": (0, False), "checkpoint_every": (1, False),
     # a run keeps at least its latest checkpoint: 0 would keep none and a resume start over
     "keep_checkpoints": (1, False),
 }
@@ -183,13 +190,14 @@ PRESETS = {
         batch_size=1, steps=150, lr=5e-4, warmup_steps=10, gist_width=256, gist_heads=4,
         lens_width=128, lens_heads=4, lens_latents=32, lens_layers=2, checkpoint_every=10,
         log_every=1, name="cpu_small"),
-    # one H200: W=8192, C=16384
+    # one H200: W=8128 (W + H fills SmolLM2's 8,192 positions), C=16384; remat and chunked
+    # attention keep the backward pass from holding [P, P] scores per layer and working context
     "gpu_poc": TrainConfig(
-        base="default", data="corpus", seq_len=16384, horizon=64, budget=8192, n_wc=4,
+        base="default", data="corpus", seq_len=16384, horizon=64, budget=8128, n_wc=4,
         n_edits=4, batch_size=8, steps=5000, lr=3e-4, warmup_steps=200, gist_width=512,
         gist_heads=8, gist_shared=False, lens_width=256, lens_heads=4, lens_latents=64,
         lens_layers=3, compute_dtype="bfloat16", base_dtype="bfloat16", kl_weight=0.1,
-        checkpoint_every=250, log_every=10, name="gpu_poc"),
+        remat=True, attn_chunk=1024, checkpoint_every=250, log_every=10, name="gpu_poc"),
 }
 VARIANTS = {
     "gist": dict(phase="gist"),

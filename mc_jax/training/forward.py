@@ -36,13 +36,16 @@ def build_gists(gist_fn, tok_emb_NxKxD, depth: int, K: int | None = None) -> tup
 
 
 def packed_logits(base_params, base_cfg: bm.LlamaConfig, x_BxPxD, pos_BxP, valid_BxP, W: int,
-                  H: int, sigma_BxP=None, adapter=None, adapt_BxP=None):
+                  H: int, sigma_BxP=None, adapter=None, adapt_BxP=None, remat: bool = False,
+                  attn_chunk: int = 0):
     """Logits [B, H, V] of the H positions after a W-slot working context (the logit at slot
     W - 1 + h predicts horizon token h); only those H rows go through the output head.
-    adapter, adapt_BxP: the gist reader and the gist slots it applies to (or None)."""
+    adapter, adapt_BxP: the gist reader and the gist slots it applies to (or None).
+    remat, attn_chunk: `base_model.forward`'s memory options (TrainConfig's)."""
     h_BxPxD, _ = bm.forward(base_params, base_cfg, x_BxPxD.astype(base_params["embed"].dtype),
                             pos_BxP, valid_BxT=valid_BxP, sigma_BxT=sigma_BxP, return_hidden=True,
-                            adapter=adapter, adapt_BxT=adapt_BxP)
+                            adapter=adapter, adapt_BxT=adapt_BxP, remat=remat,
+                            attn_chunk=attn_chunk or None)
     return bm.lm_head(base_params, base_cfg, h_BxPxD[:, W - 1: W - 1 + H])
 
 
@@ -55,7 +58,9 @@ def horizon_nll(base_params, m: Models, x_BxPxD, pos_BxP, sigma_BxP, valid_BxP, 
     adapter, adapt_BxP: the gist reader and its slots (`windows.gist_slots`), or None."""
     sigma = sigma_BxP if m.pack.rope_damping else None
     logits = packed_logits(base_params, m.base_cfg, x_BxPxD, pos_BxP, valid_BxP, m.pack.budget,
-                           m.pack.horizon, sigma, adapter, adapt_BxP)
+                           m.pack.horizon, sigma, adapter, adapt_BxP,
+                           remat=bool(getattr(m.cfg, "remat", False)),
+                           attn_chunk=int(getattr(m.cfg, "attn_chunk", 0)))
     nll_BxH = bm.token_nll(logits, targets_BxH)
     if per_token:
         return nll_BxH

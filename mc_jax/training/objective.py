@@ -125,9 +125,13 @@ def sequence_loss(gist_state, lens_state, base_params, tokens_T, key, m: Models)
                 gist_loss = gist_loss + extra
             metrics.update(term_metrics)
         if cfg.kl_weight > 0:
-            full = jnp.concatenate([ids, targets])[None]
-            tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(C + H)[None])
-            kl = kl_from_teacher(tlogits[0, C - 1:C - 1 + H], logits[1:cfg.n_wc])
+            # the teacher reads as much history as the base's context holds (all of it when
+            # C + H fits; else the newest max_seq_len - H tokens)
+            full = jnp.concatenate([ids, targets])[-m.base_cfg.max_seq_len:][None]
+            L = full.shape[1]
+            tlogits, _ = bm.forward(base_params, m.base_cfg, full, jnp.arange(L)[None],
+                                    attn_chunk=cfg.attn_chunk or None)
+            kl = kl_from_teacher(tlogits[0, L - H - 1:L - 1], logits[1:cfg.n_wc])
             gist_loss = gist_loss + cfg.kl_weight * kl
             metrics["kl"] = kl
         loss = loss + gist_loss
