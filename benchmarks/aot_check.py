@@ -132,7 +132,7 @@ def train_parts(config: str = "gpu_poc", base: str = "auto", sets=(), n_devices:
     (step_fn, (state_abs, base_params_abs, tokens_abs), Models, info dict)."""
     from mc_jax.training.config import load_config
     from mc_jax.training.models import build_models
-    from mc_jax.training.step import compile_train_step, init_state, make_mesh
+    from mc_jax.training.step import base_shardings, compile_train_step, init_state, make_mesh
 
     cfg = load_config(config, list(sets))
     if cfg.base == "tiny":
@@ -143,14 +143,16 @@ def train_parts(config: str = "gpu_poc", base: str = "auto", sets=(), n_devices:
     params_abs = abstract_base_params(base_cfg, dtype)
     m, gist_state, lens_state = build_models(cfg, base_cfg, rms_stand_in(params_abs))
     state_abs = jax.eval_shape(lambda g, l: init_state(m, g, l), gist_state, lens_state)
-    mesh = make_mesh(n_devices)
+    mesh = make_mesh(n_devices, cfg.model_parallel)
     tokens_abs = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + cfg.horizon), jnp.int32)
     info = dict(config=cfg.name, base=src, base_dtype=cfg.base_dtype,
                 compute_dtype=cfg.compute_dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                 horizon=cfg.horizon, budget=cfg.budget, n_wc=cfg.n_wc, n_edits=cfg.n_edits,
                 depth=cfg.depth, phase=cfg.phase, devices=mesh.size,
-                tokens_shape=list(tokens_abs.shape))
-    return compile_train_step(m, mesh), (state_abs, params_abs, tokens_abs), m, info
+                model_parallel=cfg.model_parallel, base_sharding=cfg.base_sharding,
+                remat=cfg.remat, attn_chunk=cfg.attn_chunk, tokens_shape=list(tokens_abs.shape))
+    step = compile_train_step(m, mesh, base_shardings(cfg, mesh, params_abs))
+    return step, (state_abs, params_abs, tokens_abs), m, info
 
 
 def check_train(config: str = "gpu_poc", base: str = "auto", sets=()) -> dict:

@@ -78,6 +78,13 @@ class TrainConfig:
     # packed [WC || horizon] forward and the teacher's (0: whole)
     remat: bool = False
     attn_chunk: int = 0
+    # devices along the mesh's 'model' axis (the rest along 'data'), and how the frozen base is
+    # split over them: "tp" (tensor parallel) or "fsdp" (training/step.py); 1: replicated
+    model_parallel: int = 1
+    base_sharding: str = "tp"
+    # refuse a run whose compiled step needs more memory per device than this (GiB, XLA's
+    # estimate), before any step; 0: the device's own limit where the backend reports one
+    memory_limit_gib: float = 0.0
     # losses
     contrastive_weight: float = 0.05
     contrastive_margin: float = 0.5
@@ -174,11 +181,12 @@ _RANGES = {
     "contrastive_margin": (0, False), "kl_weight": (0, False), "lens_weight": (0, False),
     "utility_scale": (0, True), "edit_lambda": (0, False), "rank_weight": (0, False),
     "budget_weight": (0, False), "illegal_weight": (0, False), "delta_head_weight": (0, False),
-    "seed": (0, False), "log_every": (1, False), "attn_chunk": (0, False), "checkpoint_every": (1, False),
+    "seed": (0, False), "log_every": (1, False), "attn_chunk": (0, False),
+    "model_parallel": (1, False), "memory_limit_gib": (0, False), "checkpoint_every": (1, False),
     # a run keeps at least its latest checkpoint: 0 would keep none and a resume start over
     "keep_checkpoints": (1, False),
 }
-_CHOICES = {"position_mode": ("compact", "global")}
+_CHOICES = {"position_mode": ("compact", "global"), "base_sharding": ("tp", "fsdp")}
 
 
 PRESETS = {

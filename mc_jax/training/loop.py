@@ -33,7 +33,7 @@ from mc_jax.training.checkpoints import (export_networks, manager, read_meta,
                                          warm_start)
 from mc_jax.training.config import TrainConfig
 from mc_jax.training.models import Models, build_models, load_frozen_base
-from mc_jax.training.step import compile_train_step, init_state, make_mesh
+from mc_jax.training.step import base_shardings, compile_train_step, init_state, make_mesh
 
 
 class TrainingDivergedError(McJaxError):
@@ -213,12 +213,14 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
     if cfg.init_from:  # a resumed run's checkpoint then overrides it
         gist_state, lens_state = warm_start(m, gist_state, lens_state, cfg.init_from)
         log(f"GistNet and LensNet start from {cfg.init_from}")
-    mesh = make_mesh(n_devices)
-    if cfg.batch_size % mesh.size:
+    mesh = make_mesh(n_devices, cfg.model_parallel)
+    n_data = int(mesh.shape["data"])
+    if cfg.batch_size % n_data:
         raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of the "
-                          f"{mesh.size} devices of the mesh")
+                          f"{n_data} devices of the mesh's data axis")
     rep = NamedSharding(mesh, P())
-    base_params = jax.device_put(base_params, rep)
+    base_sh = base_shardings(cfg, mesh, base_params)
+    base_params = jax.device_put(base_params, base_sh)
     state = jax.device_put(init_state(m, gist_state, lens_state), rep)
     batches = make_batches(cfg, m, mesh)
     meta = {"config": json.loads(cfg.to_json()), "base": base_cfg.name, "devices": mesh.size}
@@ -233,6 +235,9 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
         log(f"resumed from step {int(state.step)} ({mgr.directory})")
     elif resume:
         log("no checkpoint to resume from: starting fresh")
+    # compiled (and its memory checked) before this run writes anything of its own
+    step_fn = compiled_step(compile_train_step(m, mesh, base_sh), state, base_params, cfg, mesh,
+                            log)
     # one writer of the run's files: process 0 (every process of a multi-host run logs the same
     # global metrics; Orbax coordinates the checkpoint itself)
     lead = jax.process_index() == 0
@@ -242,7 +247,6 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
         tmp = workdir / "config.json.tmp"
         tmp.write_text(cfg.to_json())
         os.replace(tmp, workdir / "config.json")
-    step_fn = compile_train_step(m, mesh)
     writer = _writer(workdir) if lead else None
     metrics_file = open(workdir / "metrics.jsonl" if lead else os.devnull, "a")
     start = int(state.step)
@@ -300,6 +304,57 @@ def _run(cfg, workdir, resume, steps, n_devices, progress, export, log) -> dict:
                                                      last_loss=last_loss))
         summary["exported"] = str(export)
     return summary
+
+
+def device_memory_limit() -> int | None:
+    """Bytes one device may use, where the backend says (GPU, TPU); None on CPU."""
+    try:
+        return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - a backend without memory stats
+        return None
+
+
+_COMPILED: dict = {}
+
+
+def compiled_step(step_fn, state, base_params, cfg: TrainConfig, mesh, log):
+    """Compile the train step ahead of its first call and check its memory: XLA's estimate per
+    device (arguments + temporaries + outputs not aliased to arguments) is printed, and a
+    config that needs more than `cfg.memory_limit_gib` (else the device's own limit, where the
+    backend reports one) is refused with ConfigError before any step runs. -> the compiled
+    step (called like the jitted one)."""
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + cfg.horizon), jnp.int32,
+                                  sharding=NamedSharding(mesh, P("data")))
+    sig = lambda a: (a.shape, str(a.dtype), getattr(a, "sharding", None))  # noqa: E731
+    key = (id(step_fn), cfg.replace(memory_limit_gib=0.0), jax.tree.structure((state, base_params)),
+           tuple(sig(a) for a in jax.tree.leaves((state, base_params))))
+    t0 = time.perf_counter()
+    if key not in _COMPILED:  # a second run of the same shapes in this process reuses it
+        _COMPILED[key] = step_fn.lower(state, base_params, tokens).compile()
+    compiled = _COMPILED[key]
+    dt = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    limit = cfg.memory_limit_gib * 2 ** 30 if cfg.memory_limit_gib else device_memory_limit()
+    gib = lambda b: f"{b / 2 ** 30:.3f} GiB"  # noqa: E731
+    if mem is None:
+        log(f"train step compiled in {dt:.1f}s (this backend gives no memory estimate)")
+        return compiled
+    need = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+    mp = int(mesh.shape["model"])
+    log(f"train step compiled in {dt:.1f}s: needs {gib(need)} per device (XLA estimate: "
+        f"arguments {gib(mem.argument_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)})"
+        f" on a {mesh.shape['data']} x {mp} (data x model) mesh"
+        + (f", base sharded {cfg.base_sharding}" if mp > 1 else "")
+        + (f"; limit {gib(limit)}" if limit else ""))
+    if limit and need > limit:
+        raise ConfigError(
+            f"config {cfg.name}: the train step needs {gib(need)} per device (XLA's estimate), "
+            f"more than the {gib(limit)} "
+            + ("of memory_limit_gib" if cfg.memory_limit_gib else "the device has")
+            + "; nothing was run. Lower batch_size or budget, set remat=True / attn_chunk, or "
+              "shard the base over more devices (model_parallel, base_sharding)")
+    return compiled
 
 
 def maybe_init_distributed():

@@ -1,7 +1,19 @@
 """The train state and the one jit-compiled, sharded train step.
 
-One `jax.jit` over a Mesh ('data' axis): the batch is sharded, parameters replicated, the train
-state donated; the base parameters are a separate, replicated, never-differentiated argument.
+One `jax.jit` over a 2-D Mesh ('data', 'model'): the batch is sharded over 'data', the train
+state (GistNet, LensNet, optimiser: small) replicated and donated; the frozen base's parameters
+are a separate, never-differentiated argument, replicated when the 'model' axis has one device
+and otherwise sharded over it by `TrainConfig.base_sharding` (`base_param_specs`):
+
+- "tp" (tensor parallel, Megatron's split): the attention and MLP input projections (wq, wk,
+  wv, w_gate, w_up and the q/k/v biases) split their output features, the output projections
+  (wo, w_down) their input features, the embedding (tied output head) its vocabulary;
+- "fsdp" (fully sharded): every parameter split along its largest dimension that divides (the
+  stacked layer axis excluded), gathered where it is used.
+
+Norms, and any parameter whose dimension does not divide by the 'model' size, stay replicated.
+XLA's SPMD partitioner inserts the collectives; the values are those of the replicated step
+(tests/test_sharding.py).
 The optimiser trains GistNet and/or LensNet by phase (the other's updates are zero).
 """
 
@@ -16,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mc_jax.errors import ConfigError
 from mc_jax.training.config import TrainConfig
 from mc_jax.training.models import Models
 from mc_jax.training.objective import batch_loss
@@ -66,18 +79,79 @@ def train_step(state: TrainState, base_params, tokens_BxT, m: Models):
     return new, metrics
 
 
-def make_mesh(n_devices: int | None = None) -> Mesh:
-    devs = np.array(jax.devices()[: n_devices or len(jax.devices())])
-    return Mesh(devs, ("data",))
+def make_mesh(n_devices: int | None = None, model: int = 1) -> Mesh:
+    """A ('data', 'model') mesh of the first n_devices devices (default all), `model` of them
+    along 'model' (consecutive devices: in a multi-process run one model group lies within a
+    process when `model` divides its local device count)."""
+    devs = jax.devices()[: n_devices or len(jax.devices())]
+    if model < 1 or len(devs) % model:
+        raise ConfigError(f"model_parallel={model} does not divide the {len(devs)} devices of "
+                          "the mesh")
+    if jax.process_count() > 1 and model > 1 and jax.local_device_count() % model:
+        raise ConfigError(f"model_parallel={model} must divide each process's "
+                          f"{jax.local_device_count()} local devices (a model group within a "
+                          "host)")
+    return Mesh(np.array(devs).reshape(len(devs) // model, model), ("data", "model"))
+
+
+BASE_SHARDINGS = ("tp", "fsdp")
+_TP_OUT = ("wq", "wk", "wv", "w_gate", "w_up", "bq", "bk", "bv")  # split the last axis
+_TP_IN = ("wo", "w_down")  # split the input axis (second to last)
+
+
+def base_param_specs(params, mode: str, model: int):
+    """PartitionSpec per base parameter (a pytree like `params`; see the module docstring)."""
+    if mode not in BASE_SHARDINGS:
+        raise ConfigError(f"base_sharding must be one of {', '.join(BASE_SHARDINGS)}, got "
+                          f"{mode!r}")
+
+    def spec(path, a):
+        keys = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+        shape = tuple(getattr(a, "shape", ()))
+        if model <= 1 or not shape:
+            return P()
+        name, stacked = keys[-1], "layers" in keys[:-1]
+        axis = None
+        if mode == "tp":
+            if name in _TP_OUT:
+                axis = len(shape) - 1
+            elif name in _TP_IN and len(shape) >= 2:
+                axis = len(shape) - 2
+            elif name == "embed":
+                axis = 0
+            if axis is not None and shape[axis] % model:
+                axis = None
+        else:
+            axes = [i for i in range(int(stacked), len(shape)) if shape[i] % model == 0
+                    and shape[i] >= model]
+            axis = max(axes, key=lambda i: shape[i], default=None)
+        if axis is None:
+            return P()
+        parts = [None] * len(shape)
+        parts[axis] = "model"
+        return P(*parts)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def base_shardings(cfg: TrainConfig, mesh: Mesh, params):
+    """NamedSharding per base parameter for this config and mesh (replicated without a
+    'model' axis of more than one device)."""
+    specs = base_param_specs(params, cfg.base_sharding, int(mesh.shape.get("model", 1)))
+    return jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs,
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 _STEP_CACHE: dict = {}
 
 
-def compile_train_step(m: Models, mesh: Mesh):
+def compile_train_step(m: Models, mesh: Mesh, base_sharding=None):
     """The jitted step for this config and mesh (cached: a resumed run in the same process, or a
-    second run of the same config, reuses the compiled step)."""
-    key = (m.cfg, m.base_cfg, tuple(d.id for d in mesh.devices.flat))
+    second run of the same config, reuses the compiled step). base_sharding: the base
+    parameters' shardings (`base_shardings`), default replicated."""
+    # memory_limit_gib is checked after compiling (training/loop.py) and changes no program
+    key = (m.cfg.replace(memory_limit_gib=0.0), m.base_cfg, tuple(d.id for d in mesh.devices.flat),
+           mesh.devices.shape)
     if key not in _STEP_CACHE:
         rep = NamedSharding(mesh, P())
         data = NamedSharding(mesh, P("data"))
@@ -85,6 +159,7 @@ def compile_train_step(m: Models, mesh: Mesh):
         def step(s, bp, t):
             return train_step(s, bp, t, m)
 
-        _STEP_CACHE[key] = jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, data),
+        _STEP_CACHE[key] = jax.jit(step, donate_argnums=(0,),
+                                   in_shardings=(rep, base_sharding or rep, data),
                                    out_shardings=(rep, rep))
     return _STEP_CACHE[key]
