@@ -74,13 +74,13 @@ def room(ref: RefWC, target, kept):
     return None
 
 
-def ref_keep(ref: RefWC, blocks):
+def ref_keep(ref: RefWC, blocks, incoming=0):
     kept = []
     for b in blocks:
         if not 0 <= b < ref.protected_start() or b in kept:
             continue
         while ref.entries[covering(ref, b)][0] > 0:
-            if ref.cost() + ref.K - 1 > ref.w_max:
+            if ref.cost() + ref.K - 1 + incoming > ref.w_max:
                 i = room(ref, b, kept)
                 if i is None:
                     return kept, b
@@ -96,8 +96,9 @@ def ref_keep(ref: RefWC, blocks):
 @given(name=st.sampled_from(sorted(WCFGS)), frac=st.floats(0, 1),
        moves=st.lists(st.tuples(st.sampled_from([EXPAND, COLLAPSE]), st.floats(0, 1)),
                       max_size=8),
-       ranks=st.lists(st.one_of(st.floats(0, 1.05), st.just(-0.01)), max_size=12))
-def test_keep_blocks_raw_matches_the_reference(name, frac, moves, ranks):
+       ranks=st.lists(st.one_of(st.floats(0, 1.05), st.just(-0.01)), max_size=12),
+       incoming=st.sampled_from([0, 0, 1, K]))
+def test_keep_blocks_raw_matches_the_reference(name, frac, moves, ranks, incoming):
     c = core(name)
     wcfg = c.wcfg
     T0 = int(frac * wcfg.max_tokens) if frac > 0.2 else int(frac * 200 * K)
@@ -113,20 +114,23 @@ def test_keep_blocks_raw_matches_the_reference(name, frac, moves, ranks):
     assert_wc_equal(wc, ref)
     nb = T0 // K
     blocks = [int(np.floor(r * nb)) for r in ranks]
-    got_wc, kept = focus.keep_blocks_raw(wc, blocks, wcfg)
-    want, stuck = ref_keep(ref, blocks)
+    cost0 = ref.cost()
+    got_wc, kept = focus.keep_blocks_raw(wc, blocks, wcfg, incoming=incoming)
+    want, stuck = ref_keep(ref, blocks, incoming)
     assert kept == want
     wcm.check_wc(got_wc, wcfg)
     assert_wc_equal(got_wc, ref)  # the reference's WC; contiguous cover, budget, protection
     raw = {n for lv, n, _, _ in wcm.to_host_entries(got_wc) if lv == 0}
     assert set(kept) <= raw
+    # room is left for the incoming tokens (unless the WC had none to begin with)
+    assert ref.cost() + incoming <= max(wcfg.w_max, cost0 + incoming)
     pstart = nb - wcfg.protected_blocks
     eligible = list(dict.fromkeys(b for b in blocks if 0 <= b < pstart))
     assert kept == eligible[:len(kept)]  # rank order, and nothing that fits is skipped
     if stuck is not None:  # it stopped only because no legal collapse could make room
         assert kept == eligible[:eligible.index(stuck)]
         ents = wcm.to_host_entries(got_wc)
-        assert sum(e[2] for e in ents) + K - 1 > wcfg.w_max
+        assert sum(e[2] for e in ents) + K - 1 + incoming > wcfg.w_max
         lod0 = [n for lv, n, _, _ in ents[:-1] if lv == 0 and n < pstart]
         assert set(lod0) <= set(kept)
         mirror = RefWC(wcfg.w_max, wcfg.depth, K, wcfg.protected_blocks)

@@ -9,6 +9,7 @@ import pytest
 
 from mc_jax.base import base_model as bm
 from mc_jax.base.tiny import ByteTokenizer, TinyBase
+from mc_jax.errors import InputError
 from mc_jax.eval.policies import registry as pol
 from mc_jax.eval.policies import retrieve as rt
 
@@ -89,5 +90,33 @@ def test_retrieve_policy_keeps_its_best_block_raw(model):
     best = int(np.argmax(f["block_scores"]))
     assert f["kept"][0] == best and best in f["raw_blocks"]
     assert set(f["kept"]) <= set(rt.with_neighbours([best], 1, n))
-    with pytest.raises(pol.NotApplicable):
-        p.nll_stream(hist)
+
+
+def test_retrieve_perplexity_keeps_the_blocks_the_newest_block_attends_to(model):
+    """nll_stream: before each scored block the newest complete block is the query; the
+    ppl_top best blocks not already raw become raw; ppl_top=0 is recency."""
+    kw = dict(gists="meanpool", heads=((1, 0), (0, 1)), window=64)
+    hist = np.random.default_rng(4).integers(0, 256, 1024).astype(np.int32)
+    blocks = [12, 20, 31]
+    rec = pol.make_policy("meanpool", model, 192).nll_stream(hist, blocks)
+    p0 = pol.make_policy("retrieve", model, 192, ppl_top=0, **kw)
+    np.testing.assert_allclose(p0.nll_stream(hist, blocks), rec, atol=1e-5)
+    p = pol.make_policy("retrieve", model, 192, ppl_top=2, **kw)
+    nll = p.nll_stream(hist, blocks)
+    assert nll.shape == (3, 32) and np.all(np.isfinite(nll))
+    assert p.stats()["ppl_refocus"] == 3 and p.stats()["ppl_kept"] == 6
+    assert not np.allclose(nll, rec)  # the retrieved blocks change what the base reads
+    # one refocus by hand: the kept blocks are the best-scoring ones that were not raw
+    from mc_jax.eval.policies.megacontext import raw_history_blocks
+    s = p._session(len(hist))
+    s.ingest(hist[:32 * 20])
+    n = 19
+    raw = set(raw_history_blocks(s.state.wc, n))
+    p._live_keys = s.retrieval_keys(n)
+    scores = p.block_scores(hist[:32 * n], hist[32 * n:32 * 20])
+    p._live_keys = None
+    want = [int(b) for b in np.argsort(-scores, kind="stable") if int(b) not in raw][:2]
+    kept = p.ppl_refocus(s)
+    assert kept == want and set(want) <= set(raw_history_blocks(s.state.wc, n))
+    with pytest.raises(InputError, match="ppl_top"):
+        pol.make_policy("retrieve", model, 192, ppl_top=-1, **kw)

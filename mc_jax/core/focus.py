@@ -255,13 +255,15 @@ def _room_move(entries, target: int, kept, pstart: int, cfg: WCConfig) -> int | 
     return None
 
 
-def keep_blocks_raw(wc: WorkingContext, blocks, cfg: WCConfig) -> tuple[WorkingContext, list[int]]:
+def keep_blocks_raw(wc: WorkingContext, blocks, cfg: WCConfig,
+                    incoming: int = 0) -> tuple[WorkingContext, list[int]]:
     """Host side: make the ranked blocks (best first) raw (LOD0) in turn, as far as the budget
-    allows. -> (new WC, the blocks kept raw, in rank order).
+    allows, leaving room for `incoming` more tokens (a block the base reads next: cost +
+    incoming <= w_max after every move). -> (new WC, the blocks kept raw, in rank order).
 
     For each block: the entry covering it is expanded (a level-l >= 2 gist into its K children,
     then the LOD1 gist into the raw block) until the block is LOD0. Before each expansion (it
-    costs K - 1 positions: cost + K - 1 <= w_max) room is made by collapsing, oldest first, a
+    costs K - 1 positions: cost + K - 1 + incoming <= w_max) room is made by collapsing, oldest first, a
     collapsible raw block (complete, unprotected LOD0) that is neither kept nor the target; if
     there is none, a complete group of K sibling LOD1 gists holding neither a kept block nor the
     target, oldest first. When no room can be made the walk stops there (the WC keeps the
@@ -283,7 +285,7 @@ def keep_blocks_raw(wc: WorkingContext, blocks, cfg: WCConfig) -> tuple[WorkingC
                 kept.append(b)
                 break
             cost = sum(c for _, _, c, _ in entries)
-            if cost + K - 1 > cfg.w_max:
+            if cost + K - 1 + incoming > cfg.w_max:
                 c = _room_move(entries, b, kept, pstart, cfg)
                 if c is None:
                     return wc, kept

@@ -82,8 +82,10 @@ def bucket_entries(n: int) -> int:
     return max(256, -(-n // 256) * 256)
 
 
-def lens_inputs(gists_nxD, match_nxR, q_emb_QxD, E: int | None = None) -> lf.LensInputs:
-    """The flat layout LensNet reads here: one entry per block (padded to E rows), no tail."""
+def lens_inputs(gists_nxD, match_nxR, q_emb_QxD, E: int | None = None, *, block_size: int = 32,
+                n_tail: int = 6) -> lf.LensInputs:
+    """The flat layout LensNet reads here: one entry per block (padded to E rows) of span
+    `block_size`, and the LensNet's `n_tail` tail slots empty."""
     n, D = gists_nxD.shape
     E = bucket_entries(n) if E is None else E
     pad = lambda a, rows: np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)])
@@ -93,10 +95,11 @@ def lens_inputs(gists_nxD, match_nxR, q_emb_QxD, E: int | None = None) -> lf.Len
     return lf.LensInputs(
         vec_xExD=jnp.asarray(pad(np.asarray(gists_nxD, np.float32), E)),
         mask_xE=jnp.asarray(valid), level_xE=jnp.asarray(np.where(valid, 1, 0), jnp.int32),
-        span_xE=jnp.asarray(np.where(valid, 32, 0), jnp.int32),
+        span_xE=jnp.asarray(np.where(valid, block_size, 0), jnp.int32),
         distance_xE=jnp.asarray(np.where(valid, n - b - 1, 0), jnp.int32),
         since_edit_xE=jnp.full((E,), NEVER_EDITED, jnp.int32),
-        tail_xUxD=jnp.zeros((6, D), jnp.float32), tail_mask_xU=jnp.zeros(6, bool),
+        tail_xUxD=jnp.zeros((n_tail, D), jnp.float32),
+        tail_mask_xU=jnp.zeros(n_tail, bool),
         match_xExR=jnp.asarray(pad(np.asarray(match_nxR, np.float32), E)),
         query_xQxD=jnp.asarray(pad(q, Q_MAX)), query_mask_xQ=jnp.asarray(np.arange(Q_MAX) < len(q)))
 
@@ -135,9 +138,11 @@ def case_features(policy: RetrievePolicy, history_ids, question_ids) -> dict:
                                  np.float32), n_q=len(q_ids))
 
 
-def inputs_from_features(feat: dict, E: int | None = None) -> lf.LensInputs:
+def inputs_from_features(feat: dict, E: int | None = None, *, block_size: int = 32,
+                         n_tail: int = 6) -> lf.LensInputs:
     m = match_features(feat["mass"], feat["excess"], feat["bm25"], int(feat["n_q"]))
-    return lens_inputs(np.asarray(feat["gists"]), m, np.asarray(feat["q_emb"]), E)
+    return lens_inputs(np.asarray(feat["gists"]), m, np.asarray(feat["q_emb"]), E,
+                       block_size=block_size, n_tail=n_tail)
 
 
 class LensQPolicy(RetrievePolicy):
@@ -158,12 +163,9 @@ class LensQPolicy(RetrievePolicy):
         from mc_jax.core import focus as fm
 
         K, n = self.K, len(ids) // self.K
-        self._live_keys = s.retrieval_keys(n)
-        try:
+        with self.session_keys(s, n):
             u = self.block_scores(ids[:n * K], np.asarray(prompt.tail[prompt.q_start:
                                                                        prompt.q_end]))
-        finally:
-            self._live_keys = None
         zs = zoom_scores(u)
         unit = K ** (s.cfg.wcfg.depth - 1)
         size = unit * int(bucket(-(-(len(s.ids) // K + 1) // unit)))
@@ -185,7 +187,8 @@ class LensQPolicy(RetrievePolicy):
     def block_scores(self, history_ids, question_ids) -> np.ndarray:
         feat = case_features(self, history_ids, question_ids)
         n = len(feat["gists"])
-        return np.asarray(lens_scores(self.lens_q, inputs_from_features(feat)))[:n]
+        f = inputs_from_features(feat, block_size=self.K, n_tail=self.lens_q.config.n_tail)
+        return np.asarray(lens_scores(self.lens_q, f))[:n]
 
 
 ZOOM_WITHIN = 0.15  # lensq_zoom wants the blocks within this of the best score (and neighbours)
@@ -225,7 +228,8 @@ def make_lensq_policy(base_model, budget: int, checkpoint=None, **kw) -> LensQPo
         raise MissingResourceError(f"{path}: its LensNet is not question-aware (n_match "
                                    f"{lens.config.n_match}, query {lens.config.query})")
     _check_budget(budget, gist.config.depth)
-    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta", "focus", "zoom_rounds")
+    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta", "ppl_top", "mask_gists",
+                                         "focus", "zoom_rounds")
            if k in kw}
     tc = info.get("train_config", {})
     kw.setdefault("position_mode", tc.get("position_mode", "compact"))

@@ -55,8 +55,12 @@ def bm25_scores(blocks_BxK: np.ndarray, query_ids) -> np.ndarray:
 class RetrievalPolicy(MegaContextPolicy):
     """Recency focus while ingesting; at answer time `rank`'s blocks are kept raw."""
 
-    def __init__(self, name, base_model, budget, gist_model, **kw):
-        super().__init__(name, base_model, budget, gist_model, None, "recency", **kw)
+    def __init__(self, name, base_model, budget, gist_model, *, mask_gists: bool = False, **kw):
+        # mask_gists: the base reads only the WC's raw blocks (the runtime's "truncate" policy:
+        # gists take their slots in the budget but are masked out of attention)
+        super().__init__(name, base_model, budget, gist_model, None,
+                         "truncate" if mask_gists else "recency", **kw)
+        self.mask_gists = bool(mask_gists)
 
     def nll_stream(self, ids_N, blocks=None) -> np.ndarray:
         raise NotApplicable(f"{self.name} ranks history blocks against a question; "

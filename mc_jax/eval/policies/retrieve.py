@@ -23,15 +23,20 @@ Letters: L layers, n blocks, K block size, G KV heads, N query heads, F head dim
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
 
+from mc_jax.errors import InputError
+from mc_jax.core.focus import keep_blocks_raw
+from mc_jax.eval.policies.megacontext import MegaContextPolicy, raw_history_blocks
 from mc_jax.eval.policies.retrieval import RetrievalPolicy, make_gists
 from mc_jax.runtime.retrieval_keys import (  # noqa: F401  (re-exported for the probes)
     DELTA, HEADS, WINDOW, _head_mass, _head_stats, _window_qk, head_scores, head_stats,
     history_keys, kv_heads_of, question_queries)
 
+PPL_TOP = 4  # blocks retrieved per scored block in perplexity (see the module docstring)
 _KEYS: dict = {}  # the last history's keys (one entry), memoised across policy instances
 
 
@@ -60,7 +65,7 @@ class RetrievePolicy(RetrievalPolicy):
     docstring); they and their neighbours are kept raw, the rest recency gists."""
 
     def __init__(self, base_model, budget, gist_model, *, heads=HEADS, top: int = 1,
-                 window: int = WINDOW, delta: int = DELTA, **kw):
+                 window: int = WINDOW, delta: int = DELTA, ppl_top: int = PPL_TOP, **kw):
         heads = tuple((int(a), int(b)) for a, b in heads)
         prefix = sink_prefix(base_model.tokenizer)
         # the Session keeps the history's keys as it ingests (mc_jax.runtime.retrieval_keys)
@@ -68,6 +73,11 @@ class RetrievePolicy(RetrievalPolicy):
         super().__init__("retrieve", base_model, budget, gist_model, **kw)
         self.heads = heads
         self.top, self.window, self.delta = int(top), int(window), int(delta)
+        if int(ppl_top) < 0:
+            raise InputError(f"ppl_top={ppl_top}: the number of blocks to retrieve per scored "
+                             "block must be >= 0")
+        self.ppl_top = int(ppl_top)
+        self._stats.update(ppl_refocus=0, ppl_kept=0)
         self._layers = sorted({layer for layer, _ in self.heads})
         self._kv = kv_heads_of(self.heads, base_model.cfg)
         self._sink = prefix
@@ -76,12 +86,47 @@ class RetrievePolicy(RetrievalPolicy):
     def _prefix(self):
         return self._sink
 
-    def _refocus(self, s, ids, prompt, gold_blocks) -> dict:
-        self._live_keys = s.retrieval_keys(len(ids) // self.K)
+    @contextlib.contextmanager
+    def session_keys(self, s, n_blocks: int):
+        """While inside: `block_stats` reads the session's keys of its first n_blocks blocks
+        (computed at ingest) instead of computing them."""
+        self._live_keys = s.retrieval_keys(n_blocks)
         try:
-            return super()._refocus(s, ids, prompt, gold_blocks)
+            yield
         finally:
             self._live_keys = None
+
+    def _refocus(self, s, ids, prompt, gold_blocks) -> dict:
+        with self.session_keys(s, len(ids) // self.K):
+            return super()._refocus(s, ids, prompt, gold_blocks)
+
+    # perplexity: the newest complete block is the query (module docstring, "Perplexity")
+    nll_stream = MegaContextPolicy.nll_stream
+
+    def _score_block(self, s, ids_K) -> np.ndarray:
+        self.ppl_refocus(s)
+        return super()._score_block(s, ids_K)
+
+    def ppl_refocus(self, s) -> list[int]:
+        """Before a teacher-forced block: the `ppl_top` history blocks that are not raw in the
+        WC and that the newest complete block's tokens attend to most (`block_scores` with that
+        block as the question, over the keys of the blocks before it) are made raw
+        (`keep_blocks_raw`, best first; the oldest other raw blocks collapse for room). The next
+        step's recency refocus rebuilds the WC, so each block chooses afresh. -> blocks kept."""
+        K = self.K
+        n = len(s.ids) // K - 1  # history blocks before the query block
+        if self.ppl_top == 0 or n < 1:
+            return []
+        ids = np.asarray(s.ids, np.int32)
+        with self.session_keys(s, n):
+            scores = np.asarray(self.block_scores(ids[:n * K], ids[n * K:(n + 1) * K]))
+        raw = set(raw_history_blocks(s.state.wc, n))
+        order = [int(b) for b in np.argsort(-scores, kind="stable") if int(b) not in raw]
+        wc, kept = keep_blocks_raw(s.state.wc, order[:self.ppl_top], s.cfg.wcfg, incoming=K)
+        s.state = s.state.replace(wc=wc)
+        self._stats["ppl_refocus"] += 1
+        self._stats["ppl_kept"] += len(kept)
+        return kept
 
     def block_stats(self, history_ids, question_ids):
         """(mass [H, n], excess [H, n]) per selected head and complete history block
@@ -117,7 +162,8 @@ class RetrievePolicy(RetrievalPolicy):
 def make_retrieve_policy(base_model, budget: int, checkpoint=None, *, gists: str = "trained",
                          **kw) -> RetrievePolicy:
     """The evaluator's `retrieve`. kw: heads, top, window, delta, and Session arguments."""
-    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta") if k in kw}
+    own = {k: kw.pop(k) for k in ("heads", "top", "window", "delta", "ppl_top",
+                                         "mask_gists") if k in kw}
     gist, kw = make_gists(base_model, budget, checkpoint, gists, kw)
     return RetrievePolicy(base_model, budget, gist, **own, **kw)
 
