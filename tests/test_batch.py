@@ -90,3 +90,34 @@ def test_batched_session_bad_inputs(parts):
     assert bs.ids == [[], []]  # a refused call changes nothing
     with pytest.raises(InputError, match="at least one stream"):
         BatchedSession(model, W, gist, lens, batch=0, **KW)
+
+
+def test_cli_score_several_files_as_one_batch(parts, tmp_path, monkeypatch, capsys):
+    """`mc-jax score --input A --input B`: the files are the streams of one batched step, and
+    each file's perplexity equals scoring it alone."""
+    import json
+
+    from mc_jax.base import loading
+    from mc_jax.cli import commands as cli
+    from mc_jax.nets import io as nets_io
+
+    model = parts[0]
+    monkeypatch.setattr(loading, "load_base", lambda *a, **k: model)
+    monkeypatch.setattr(nets_io, "default_checkpoint", lambda: tmp_path / "no-networks")
+    paths = []
+    for i, n in enumerate((30, 18)):  # different lengths
+        p = tmp_path / f"doc{i}.txt"
+        p.write_text("".join(f"Line {j} of {i}: the quick brown fox.\n" for j in range(n)))
+        paths.append(str(p))
+    args = ["--budget", "192"]
+    assert cli.main(["score", "--input", paths[0], "--input", paths[1], "--json"] + args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["streams"] == 2 and [f["input"] for f in res["files"]] == paths
+    for f in res["files"]:
+        assert cli.main(["score", "--input", f["input"], "--json"] + args) == 0
+        one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert one["tokens"] == f["tokens"] and one["scored"] == f["scored"]
+        np.testing.assert_allclose(f["perplexity"], one["perplexity"], rtol=1e-5)
+    assert cli.main(["score", "--input", paths[0], "--input", paths[1], "--telemetry",
+                     str(tmp_path / "t.jsonl")] + args) != 0
+    assert "--telemetry records one stream" in capsys.readouterr().err

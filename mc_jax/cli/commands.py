@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="teacher-forced streaming NLL of a document under "
                                      "MegaContext (per-block NLL, perplexity; last line JSON)")
-    p.add_argument("--input", required=True, help="text file to stream")
+    p.add_argument("--input", required=True, action="append",
+                   help="text file to stream; repeat it to score several files as the streams "
+                        "of one batched step (mc_jax.runtime.batch)")
     p.add_argument("--budget", type=int, default=1024, help="working-context budget W")
     p.add_argument("--checkpoint", default=None, help="GistNet/LensNet checkpoint directory "
                                                       "(default: the shipped cpu_small networks)")

@@ -33,7 +33,8 @@ def _networks_for_cli(args, model, log):
     return gist, lens, info, policy
 
 
-def _session_for_cli(args, model, nets, n_tokens: int, log):
+def _session_for_cli(args, model, nets, n_tokens: int, log, batch: int | None = None):
+    """A Session for the CLI's runtime flags (a BatchedSession of `batch` streams if given)."""
     gist, lens, info, policy = nets
     tc = info.get("train_config", {})
     kv_mode = getattr(args, "kv_mode", None) or "exact"
@@ -47,9 +48,14 @@ def _session_for_cli(args, model, nets, n_tokens: int, log):
             f"--budget {budget}: must be between {floor} (a protected block, the open block and "
             f"an incoming block of {K} tokens) and {model.cfg.max_seq_len} (the base model's "
             "context)")
-    s = Session(model, budget, gist, lens, policy=policy,
-                capacity_tokens=n_tokens, position_mode=pos_mode,
-                rope_damping=bool(tc.get("rope_damping", False)), kv_mode=kv_mode)
+    kw = dict(policy=policy, capacity_tokens=n_tokens, position_mode=pos_mode,
+              rope_damping=bool(tc.get("rope_damping", False)), kv_mode=kv_mode)
+    if batch is None:
+        s = Session(model, budget, gist, lens, **kw)
+    else:
+        from mc_jax.runtime.batch import BatchedSession
+
+        s = BatchedSession(model, budget, gist, lens, batch=batch, **kw)
     log(f"[mc-jax] policy {policy}, budget {s.cfg.budget}, depth {s.cfg.depth}, tree capacity "
         f"{s.cfg.capacity_tokens} tokens, positions {pos_mode}, KV {kv_mode}, networks: "
         f"{info.get('checkpoint') or 'mean-pool'}")
@@ -311,18 +317,28 @@ def _retrieval_answer(args, model, policy, text, ids, q, chat, n_new, log) -> st
 
 
 def score_cli(args) -> int:
-    """mc-jax score --input FILE: teacher-forced streaming NLL under MegaContext."""
+    """mc-jax score --input FILE [--input FILE ...]: teacher-forced streaming NLL under
+    MegaContext; several files are scored as the streams of one batched step."""
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    text = read_text(args.input)
+    inputs = args.input if isinstance(args.input, list) else [args.input]
+    if len(inputs) > 1 and args.telemetry:
+        raise InputError("--telemetry records one stream: give one --input")
     model = loading.load_base(args.base, dtype=args.dtype)
-    ids = np.asarray(model.tokenizer.encode(text) if args.max_tokens is None
-                     else prefix_ids(model.tokenizer, text, args.max_tokens), np.int32)
     nets = _networks_for_cli(args, model, log)
     K = nets[0].config.block_size
-    n = len(ids) // K * K
-    if n < 2 * K:
-        raise InputError(f"{args.input}: {len(ids)} tokens; scoring needs at least {2 * K}")
-    ids = ids[:n]
+    docs = []
+    for path in inputs:
+        text = read_text(path)
+        ids = np.asarray(model.tokenizer.encode(text) if args.max_tokens is None
+                         else prefix_ids(model.tokenizer, text, args.max_tokens), np.int32)
+        n = len(ids) // K * K
+        if n < 2 * K:
+            raise InputError(f"{path}: {len(ids)} tokens; scoring needs at least {2 * K}")
+        docs.append(ids[:n])
+    if len(docs) > 1:
+        return _score_batched(args, model, nets, inputs, docs, log)
+    ids, n = docs[0], len(docs[0])
+    args.input = inputs[0]
     s = _session_for_cli(args, model, nets, n + 64, log)
     fp = FocusPrinter(s, False, args.telemetry)
     if args.telemetry:
@@ -351,5 +367,38 @@ def score_cli(args) -> int:
                kv_recompute_slots_per_block=float(s.state.total_recompute) / max(n // K, 1))
     print(f"tokens {n}  perplexity {res['perplexity']:.4f}  policy {res['policy']}  "
           f"budget {res['budget']}", file=sys.stderr)
+    print(json.dumps(res))
+    return 0
+
+
+def _score_batched(args, model, nets, inputs, docs, log) -> int:
+    """Several files as the streams of one `BatchedSession` (one vmapped step per block for all
+    of them; a stream that has ended is fed its last block again and not counted). Prints a
+    line per file, then JSON {"files": [summary per file]}."""
+    K = nets[0].config.block_size
+    longest = max(len(d) for d in docs)
+    s = _session_for_cli(args, model, nets, longest + 64, log, batch=len(docs))
+    nblocks = [len(d) // K for d in docs]
+    nlls: list[list[np.ndarray]] = [[] for _ in docs]
+    update, close = _progress(longest * len(docs), "score")
+    t0 = time.perf_counter()
+    for b in range(longest // K):
+        ids = np.stack([d[min(b, nb - 1) * K:(min(b, nb - 1) + 1) * K]
+                        for d, nb in zip(docs, nblocks)])
+        info = s.step(ids, teacher=True)
+        for i, nb in enumerate(nblocks):
+            if 1 <= b < nb:
+                nlls[i].append(np.asarray(info.nll_K[i]))
+        update(K * len(docs))
+    close()
+    dt = time.perf_counter() - t0
+    files = []
+    for path, d, ns in zip(inputs, docs, nlls):
+        mean = float(np.mean(np.concatenate(ns)))
+        files.append(dict(input=str(path), tokens=int(len(d)), scored=int(len(ns) * K),
+                          nll=mean, perplexity=math.exp(mean)))
+        print(f"{path}: tokens {len(d)}  perplexity {math.exp(mean):.4f}", file=sys.stderr)
+    res = dict(files=files, policy=s.cfg.policy, budget=s.cfg.budget, streams=len(docs),
+               seconds=dt, tokens_per_s=sum(len(d) for d in docs) / dt)
     print(json.dumps(res))
     return 0
