@@ -55,6 +55,8 @@ from mc_jax.runtime.state import check_state
 from mc_jax.runtime.step import jit_ingest, jit_step, jit_sync
 from mc_jax.runtime.telemetry import time_networks
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))  # ingest_cost
+
 K = GistNetConfig.block_size  # the runtime's block size (the GistNet default)
 HISTORIES = (8192, 65536, 1_000_000)
 
@@ -201,6 +203,10 @@ def main(argv=None):
     ap.add_argument("--plain-tokens", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=4,
                     help="alternating (plain block, sampled MegaContext block) pairs per history")
+    ap.add_argument("--ingest-tokens", type=int, default=2048,
+                    help="history tokens for the ingest-cost figures (benchmarks/ingest_cost.py"
+                         " in this run: plain prefill vs ingest vs ingest + retrieval keys); "
+                         "0 skips them")
     ap.add_argument("--kv-mode", default="exact", choices=["exact", "approx"],
                     help="approx: global positions, cached rows of unchanged entries are moved, "
                          "only chunks with new content are recomputed")
@@ -286,6 +292,22 @@ def main(argv=None):
         actions_per_block=float(np.mean([r["actions"] for r in results.values()])),
         gistnet_s_per_call=nets["gistnet_s_per_call"],
         lensnet_s_per_call=nets["lensnet_s_per_call"])
+    if args.ingest_tokens:
+        # issue 19: what taking in a history costs now that ingest also keeps retrieval keys
+        # (the base's first layers per 512-token window), against the plain base's prefill
+        from ingest_cost import measure
+
+        del s
+        ing = measure(model, args.model, args.ingest_tokens, reps=2, log=say)
+        tps = ing["tokens_per_s"]
+        say(f"ingest of {ing['tokens']} tokens: plain base prefill {tps['prefill']:.0f} tok/s, "
+            f"Session ingest {tps['ingest']:.0f} tok/s, ingest + retrieval keys "
+            f"{tps['ingest_keys']:.0f} tok/s ({ing['keys_vs_prefill_time_ratio']:.2f}x the "
+            "prefill's time)")
+        out.update(ingest_tokens=ing["tokens"], prefill_tokens_per_s=tps["prefill"],
+                   ingest_tokens_per_s=tps["ingest"], ingest_keys_tokens_per_s=tps["ingest_keys"],
+                   ingest_keys_vs_prefill_time_ratio=ing["keys_vs_prefill_time_ratio"],
+                   key_bytes_per_token=ing["key_bytes_per_token"])
     print(json.dumps(out))
     return 0
 

@@ -27,13 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--reps", type=int, default=3)
-    a = ap.parse_args(argv)
-
+def measure(model, kind: str, tokens: int = 2048, reps: int = 3, log=None) -> dict:
+    """The three timings of the module docstring for `model` (kind "smollm2": the shipped
+    GistNet and `HEADS`; "tiny": mean-pool gists and head (1, 0)). -> the result dict."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -43,22 +39,12 @@ def main(argv=None) -> dict:
     from mc_jax.runtime.retrieval_keys import HEADS
     from mc_jax.runtime.session import Session
 
-    if a.model == "tiny":
-        from mc_jax.base.tiny import ByteTokenizer, TinyBase
-
-        cfg = bm.LlamaConfig.tiny(vocab_size=256, max_seq_len=4096)
-        model = TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer())
-        heads = ((1, 0),)
-    else:
-        from mc_jax.base import loading
-
-        model = loading.load_base(None)
-        heads = HEADS
+    log = log or (lambda m: print(m, file=sys.stderr))
+    heads = ((1, 0),) if kind == "tiny" else HEADS
     # the shipped GistNet on SmolLM2 (what a Session ingests with); mean-pool gists on tiny
-    gist, _, _ = load_nets(model, None, need_trained=a.model == "smollm2",
-                           meanpool=a.model == "tiny")
+    gist, _, _ = load_nets(model, None, need_trained=kind == "smollm2", meanpool=kind == "tiny")
     K = gist.config.block_size
-    N = a.tokens // K * K
+    N = tokens // K * K
     ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, N).astype(np.int32)
 
     fwd = jax.jit(lambda p, x: bm.forward(p, model.cfg, x, jnp.arange(x.shape[1])[None])[0])
@@ -80,18 +66,43 @@ def main(argv=None) -> dict:
 
     t_prefill(), t_ingest(plain), t_ingest(keyed)  # warm-up: compiles
     times = {"prefill": [], "ingest": [], "ingest_keys": []}
-    for r in range(a.reps):
+    for r in range(reps):
         times["prefill"].append(t_prefill())
         times["ingest"].append(t_ingest(plain))
         times["ingest_keys"].append(t_ingest(keyed))
-        print(f"round {r + 1}/{a.reps}: " + ", ".join(f"{k} {v[-1]:.2f}s"
-                                                    for k, v in times.items()), file=sys.stderr)
+        log(f"ingest cost round {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.2f}s"
+                                                             for k, v in times.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = dict(model=a.model, tokens=N, heads=[list(h) for h in heads], reps=a.reps,
-               seconds=med, tokens_per_s={k: N / v for k, v in med.items()},
-               keys_vs_prefill_time_ratio=med["ingest_keys"] / med["prefill"],
-               keys_vs_ingest_time_ratio=med["ingest_keys"] / med["ingest"],
-               key_bytes_per_token=keyed.keys.nbytes / N)
+    return dict(model=kind, tokens=N, heads=[list(h) for h in heads], reps=reps,
+                seconds=med, tokens_per_s={k: N / v for k, v in med.items()},
+                keys_vs_prefill_time_ratio=med["ingest_keys"] / med["prefill"],
+                keys_vs_ingest_time_ratio=med["ingest_keys"] / med["ingest"],
+                key_bytes_per_token=keyed.keys.nbytes / N)
+
+
+def load_model(kind: str):
+    import jax
+
+    from mc_jax.base import base_model as bm
+
+    if kind == "tiny":
+        from mc_jax.base.tiny import ByteTokenizer, TinyBase
+
+        cfg = bm.LlamaConfig.tiny(vocab_size=256, max_seq_len=4096)
+        return TinyBase(cfg, bm.init_params(cfg, jax.random.PRNGKey(0)), ByteTokenizer())
+    from mc_jax.base import loading
+
+    return loading.load_base(None)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args(argv)
+    res = measure(load_model(a.model), a.model, a.tokens, a.reps)
+    med, N = res["seconds"], res["tokens"]
     for k, v in res["tokens_per_s"].items():
         print(f"{k:>12}: {v:8.0f} tokens/s ({med[k]:.2f} s for {N} tokens)")
     print(f"ingest+keys / prefill time: {res['keys_vs_prefill_time_ratio']:.2f}; "
