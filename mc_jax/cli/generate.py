@@ -321,14 +321,14 @@ def score_cli(args) -> int:
     MegaContext; several files are scored as the streams of one batched step."""
     log = lambda m: print(m, file=sys.stderr, flush=True)
     inputs = args.input if isinstance(args.input, list) else [args.input]
-    if len(inputs) > 1 and args.telemetry:
+    if len(inputs) > 1 and getattr(args, "telemetry", None):
         raise InputError("--telemetry records one stream: give one --input")
+    texts = [read_text(path) for path in inputs]  # bad files are refused before any loading
     model = loading.load_base(args.base, dtype=args.dtype)
     nets = _networks_for_cli(args, model, log)
     K = nets[0].config.block_size
     docs = []
-    for path in inputs:
-        text = read_text(path)
+    for path, text in zip(inputs, texts):
         ids = np.asarray(model.tokenizer.encode(text) if args.max_tokens is None
                          else prefix_ids(model.tokenizer, text, args.max_tokens), np.int32)
         n = len(ids) // K * K
