@@ -27,3 +27,22 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def slow(request):
     return bool(request.config.getoption("--slow"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each test module: drop JAX's compiled executables and mc_jax's step caches. One
+    process runs the whole suite, and every compiled CPU executable keeps memory mappings; past
+    the kernel's vm.max_map_count (65,530 here) XLA's next compile crashes (seen as a segfault
+    in a late test once the suite grew)."""
+    yield
+    import gc
+
+    import jax
+
+    from mc_jax.training import loop, step
+
+    step._STEP_CACHE.clear()
+    loop._COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()

@@ -330,6 +330,8 @@ def compiled_step(step_fn, state, base_params, cfg: TrainConfig, mesh, log):
            tuple(sig(a) for a in jax.tree.leaves((state, base_params))))
     t0 = time.perf_counter()
     if key not in _COMPILED:  # a second run of the same shapes in this process reuses it
+        while len(_COMPILED) >= 4:  # a long-lived process keeps the newest few
+            _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[key] = step_fn.lower(state, base_params, tokens).compile()
     compiled = _COMPILED[key]
     dt = time.perf_counter() - t0
