@@ -91,10 +91,11 @@ def memory(compiled) -> dict:
         if v is not None:
             out[name.replace("_size_in_bytes", "_bytes")] = int(v)
     if {"temp_bytes", "argument_bytes", "output_bytes"} <= out.keys():
-        # what the device holds while the step runs: donated (aliased) outputs reuse their inputs
-        peak = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - \
-            out.get("alias_bytes", 0)
-        out["peak_estimate_bytes"] = int(peak)
+        # what the device holds while the step runs (the train loop's own memory check)
+        from mc_jax.training.step import peak_bytes
+
+        peak = peak_bytes(ma)
+        out["peak_estimate_bytes"] = peak
         out["peak_estimate_gib"] = peak / 2 ** 30
     return out
 

@@ -530,11 +530,9 @@ def section_train(st: dict, deadline: float, ctx: dict) -> dict:
         cfg = cfg.replace(budget=fit)
     mesh = make_mesh(1)
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    mem_limit = None
-    try:
-        mem_limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    except Exception:  # noqa: BLE001 - CPU: no limit known
-        pass
+    from mc_jax.training.loop import device_memory_limit
+
+    mem_limit = device_memory_limit()  # None on CPU: no limit known
 
     def build(cfg):
         m, g, l = build_models(cfg, bc, params)

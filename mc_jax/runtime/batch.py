@@ -133,7 +133,7 @@ class BatchedSession:
 
     def _check_states(self) -> None:
         for b in range(self.B):
-            check_state(jax.tree.map(lambda a: a[b], self.state), self.rt)
+            check_state(self.stream_state(b), self.rt)
 
     def stream_state(self, b: int):
         """Stream b's DecodeState (a view for inspection; a Session's state has this form)."""

@@ -33,7 +33,8 @@ from mc_jax.training.checkpoints import (export_networks, manager, read_meta,
                                          warm_start)
 from mc_jax.training.config import TrainConfig
 from mc_jax.training.models import Models, build_models, load_frozen_base
-from mc_jax.training.step import base_shardings, compile_train_step, init_state, make_mesh
+from mc_jax.training.step import (base_shardings, compile_train_step, init_state, make_mesh,
+                                  peak_bytes)
 
 
 class TrainingDivergedError(McJaxError):
@@ -341,8 +342,7 @@ def compiled_step(step_fn, state, base_params, cfg: TrainConfig, mesh, log):
     if mem is None:
         log(f"train step compiled in {dt:.1f}s (this backend gives no memory estimate)")
         return compiled
-    need = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes)
+    need = peak_bytes(mem)
     mp = int(mesh.shape["model"])
     log(f"train step compiled in {dt:.1f}s: needs {gib(need)} per device (XLA estimate: "
         f"arguments {gib(mem.argument_size_in_bytes)}, temporaries {gib(mem.temp_size_in_bytes)})"

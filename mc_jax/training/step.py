@@ -142,6 +142,13 @@ def base_shardings(cfg: TrainConfig, mesh: Mesh, params):
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def peak_bytes(ma) -> int:
+    """What a device holds while a compiled program runs, from its `memory_analysis()`:
+    arguments + temporaries + outputs, less the outputs aliased to (donated) arguments."""
+    return int(ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+               - getattr(ma, "alias_size_in_bytes", 0))
+
+
 _STEP_CACHE: dict = {}
 
 
